@@ -1,0 +1,209 @@
+"""Typed configuration of the SSVAE encoder, decoder and whole model.
+
+Field names are ours; `SSVAEConfig.from_official` maps the released YAML's `encoder_config.params` /
+`decoder_config.params` onto them (e.g. `out_ch` -> `out_channels`, the encoder's `temporal_upsample` list, which
+in the released code says which levels *down*-sample time, -> `temporal_downsample`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
+
+NORM_KINDS = ("rmsnorm", "groupnorm")
+
+
+def _check_common(cfg: "EncoderConfig | DecoderConfig", prefix: str, temporal_key: str) -> None:
+    if cfg.ch < 1:
+        raise ValueError(f"{prefix}.ch must be >= 1, got {cfg.ch}")
+    if len(cfg.ch_mult) < 1 or any(m < 1 for m in cfg.ch_mult):
+        raise ValueError(f"{prefix}.ch_mult must be a non-empty list of positive ints, got {cfg.ch_mult}")
+    if cfg.num_res_blocks < 1:
+        raise ValueError(f"{prefix}.num_res_blocks must be >= 1, got {cfg.num_res_blocks}")
+    if cfg.num_mid_blocks < 1:
+        raise ValueError(f"{prefix}.num_mid_blocks must be >= 1, got {cfg.num_mid_blocks}")
+    if cfg.z_channels < 1:
+        raise ValueError(f"{prefix}.z_channels must be >= 1, got {cfg.z_channels}")
+    if cfg.norm not in NORM_KINDS:
+        raise ValueError(f"{prefix}.norm must be one of {NORM_KINDS}, got {cfg.norm!r}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"{prefix}.dropout must be in [0, 1), got {cfg.dropout}")
+    temporal = getattr(cfg, temporal_key)
+    if len(temporal) != len(cfg.ch_mult) - 1:
+        raise ValueError(
+            f"{prefix}.{temporal_key} needs one entry per resampling (len(ch_mult) - 1 = {len(cfg.ch_mult) - 1}), "
+            f"got {len(temporal)}"
+        )
+    if cfg.norm == "groupnorm":
+        widths = {cfg.ch * m for m in cfg.ch_mult} | {cfg.ch}
+        bad = sorted(w for w in widths if w % 32)
+        if bad:
+            raise ValueError(f"{prefix}.norm 'groupnorm' needs channel widths divisible by 32, got {bad}")
+
+
+@dataclass
+class EncoderConfig:
+    """Video -> 2*z_channels moments (mean and log-variance)."""
+
+    in_channels: int = 3
+    ch: int = 32
+    ch_mult: tuple[int, ...] = (2, 4, 8, 16, 16)
+    num_res_blocks: int = 3
+    num_mid_blocks: int = 2
+    z_channels: int = 48
+    # One flag per down-sampling (len(ch_mult) - 1): True = halve time as well as space.
+    temporal_downsample: tuple[bool, ...] = (False, False, True, True)
+    norm: str = "rmsnorm"
+    dropout: float = 0.0
+    mid_attention: bool = True
+    gradient_checkpointing: bool = False
+    # Stage 2 of the recipe fine-tunes the decoder only.
+    frozen: bool = False
+
+    def validate(self) -> None:
+        if self.in_channels < 1:
+            raise ValueError(f"encoder.in_channels must be >= 1, got {self.in_channels}")
+        _check_common(self, "encoder", "temporal_downsample")
+
+
+@dataclass
+class DecoderConfig:
+    """z_channels latent -> video."""
+
+    out_channels: int = 3
+    ch: int = 32
+    ch_mult: tuple[int, ...] = (2, 4, 8, 16, 16)
+    num_res_blocks: int = 3
+    num_mid_blocks: int = 2
+    z_channels: int = 48
+    # One flag per up-sampling, in decoding order: True = double time (T -> 2T - 1) as well as space.
+    temporal_upsample: tuple[bool, ...] = (True, True, False, False)
+    norm: str = "rmsnorm"
+    dropout: float = 0.0
+    mid_attention: bool = True
+    gradient_checkpointing: bool = False
+
+    def validate(self) -> None:
+        if self.out_channels < 1:
+            raise ValueError(f"decoder.out_channels must be >= 1, got {self.out_channels}")
+        _check_common(self, "decoder", "temporal_upsample")
+
+
+# Released YAML keys that we accept only with these values (other values select code paths we do not implement).
+_OFFICIAL_FIXED = {
+    "double_z": True,
+    "pad_mode": "first",
+    "new_shuffle": False,
+    "spatial_interpolate": False,
+    "temporal_interpolate": False,
+    "resamp_with_conv": True,
+}
+# Released YAML keys without effect on the network.
+_OFFICIAL_IGNORED = {"resolution", "attn_resolutions", "temporal_compress_times", "target", "in_channels_decoder"}
+
+
+def _from_official_params(params: dict[str, Any], section: str) -> dict[str, Any]:
+    params = dict(params.get("params", params))  # accept `{target, params}` or the bare params
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if key in _OFFICIAL_FIXED:
+            if value != _OFFICIAL_FIXED[key]:
+                raise ValueError(f"{section}.{key}={value!r} is not supported (only {_OFFICIAL_FIXED[key]!r})")
+        elif key in _OFFICIAL_IGNORED:
+            continue
+        elif key == "out_ch":
+            if section == "decoder_config":
+                out["out_channels"] = value
+        elif key == "in_channels":
+            if section == "encoder_config":
+                out["in_channels"] = value
+        elif key == "temporal_upsample":
+            out["temporal_downsample" if section == "encoder_config" else "temporal_upsample"] = tuple(value)
+        elif key == "mid_attn":
+            out["mid_attention"] = bool(value)
+        elif key == "gradient_checkpoint":
+            out["gradient_checkpointing"] = bool(value)
+        elif key == "freeze_entire_encoder":
+            if section == "encoder_config":
+                out["frozen"] = bool(value)
+        elif key == "ch_mult":
+            out["ch_mult"] = tuple(value)
+        elif key in ("ch", "num_res_blocks", "num_mid_blocks", "z_channels", "norm", "dropout"):
+            out[key] = value
+        else:
+            raise ValueError(f"{section}.{key} is not a known released SSVAE parameter")
+    return out
+
+
+@dataclass
+class SSVAEConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    # Per-channel latent statistics used by encode()/decode(); None = 0 and 1 (no normalisation).
+    latent_mean: Optional[tuple[float, ...]] = None
+    latent_std: Optional[tuple[float, ...]] = None
+
+    @property
+    def z_channels(self) -> int:
+        return self.encoder.z_channels
+
+    @property
+    def spatial_compression(self) -> int:
+        return 2 ** (len(self.encoder.ch_mult) - 1)
+
+    @property
+    def temporal_compression(self) -> int:
+        return 2 ** sum(bool(t) for t in self.encoder.temporal_downsample)
+
+    def validate(self) -> None:
+        self.encoder.validate()
+        self.decoder.validate()
+        if self.encoder.z_channels != self.decoder.z_channels:
+            raise ValueError(
+                f"decoder.z_channels ({self.decoder.z_channels}) must equal encoder.z_channels "
+                f"({self.encoder.z_channels})"
+            )
+        if sum(map(bool, self.encoder.temporal_downsample)) != sum(map(bool, self.decoder.temporal_upsample)):
+            raise ValueError("decoder.temporal_upsample must undo as many time halvings as encoder.temporal_downsample")
+        if len(self.encoder.ch_mult) != len(self.decoder.ch_mult):
+            raise ValueError("decoder.ch_mult must have as many levels as encoder.ch_mult")
+        for key in ("latent_mean", "latent_std"):
+            value = getattr(self, key)
+            if value is not None and len(value) != self.z_channels:
+                raise ValueError(f"{key} needs {self.z_channels} values (one per latent channel), got {len(value)}")
+        if self.latent_std is not None and any(s <= 0 for s in self.latent_std):
+            raise ValueError("latent_std values must be > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SSVAEConfig":
+        """Inverse of to_dict(); unknown keys raise ValueError naming them."""
+
+        def build(dc, values: dict[str, Any], prefix: str):
+            names = {f.name for f in fields(dc)}
+            unknown = sorted(set(values) - names)
+            if unknown:
+                raise ValueError(f"unknown {prefix} key(s): {unknown}")
+            return dc(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+        data = dict(data)
+        enc = build(EncoderConfig, data.pop("encoder", {}), "encoder")
+        dec = build(DecoderConfig, data.pop("decoder", {}), "decoder")
+        cfg = build(cls, data, "SSVAEConfig")
+        cfg.encoder, cfg.decoder = enc, dec
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_official(cls, config: dict[str, Any], **overrides: Any) -> "SSVAEConfig":
+        """Build from the released YAML's `model.params` subset `{"encoder_config": ..., "decoder_config": ...}`."""
+        missing = [k for k in ("encoder_config", "decoder_config") if k not in config]
+        if missing:
+            raise ValueError(f"official config lacks {missing}")
+        enc = EncoderConfig(**_from_official_params(config["encoder_config"], "encoder_config"))
+        dec = DecoderConfig(**_from_official_params(config["decoder_config"], "decoder_config"))
+        cfg = cls(encoder=enc, decoder=dec, **overrides)
+        cfg.validate()
+        return cfg
