@@ -1,0 +1,104 @@
+"""Configuration of the video/image data pipeline."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DECODERS = ("decord", "pyav")
+CROPS = ("center", "random")
+
+
+@dataclass
+class BucketConfig:
+    """One batch shape: ``frames`` x ``height`` x ``width`` with ``batch_size`` samples per rank.
+
+    A bucket with ``frames == 1`` is an image bucket; any other is a video bucket.
+    """
+
+    frames: int
+    height: int
+    width: int
+    batch_size: int
+
+    def validate(self, prefix: str = "bucket") -> None:
+        if self.frames < 1 or (self.frames - 1) % 4:
+            raise ValueError(f"{prefix}.frames must be 1 + 4k, got {self.frames}")
+        for name in ("height", "width", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{prefix}.{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def aspect(self) -> float:
+        return self.width / self.height
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and what batches to cut from them.
+
+    ``video_roots`` and ``image_roots`` are comma-separated lists of shard folders or single ``.tar`` files; video
+    samples (``.mp4``) are taken from the first, image samples (``.jpg``/``.png``) from the second, so one folder holding
+    both kinds may be named in both.
+
+    Without ``buckets`` every video batch is ``video_batch_size`` x 3 x ``num_frames`` x ``height`` x ``width`` and every
+    image batch ``image_batch_size`` x 3 x 1 x ``height`` x ``width``. ``buckets`` replaces these shapes: video samples
+    go to the video bucket (``frames > 1``) nearest their aspect ratio among those their duration can fill, images to
+    the image bucket (``frames == 1``) nearest theirs; a kind without a bucket of its own keeps the default shape.
+    """
+
+    video_roots: str = ""
+    image_roots: str = ""
+    num_frames: int = 17
+    fps: float = 8.0
+    height: int = 256
+    width: int = 256
+    crop: str = "center"
+    image_prob: float = 0.125
+    image_batch_size: int = 6
+    video_batch_size: int = 1
+    buckets: list[BucketConfig] = field(default_factory=list)
+    num_workers: int = 0
+    prefetch_factor: int = 2
+    decoder: str = "decord"
+
+    def __post_init__(self) -> None:
+        # YAML gives buckets as plain mappings; accept them so a config file can list buckets inline.
+        self.buckets = [b if isinstance(b, BucketConfig) else BucketConfig(**dict(b)) for b in self.buckets]
+
+    def validate(self) -> None:
+        if self.num_frames < 1 or (self.num_frames - 1) % 4:
+            raise ValueError(f"num_frames must be 1 + 4k (1, 5, 9, 13, 17, ...), got {self.num_frames}")
+        if not self.fps > 0:
+            raise ValueError(f"fps must be > 0, got {self.fps}")
+        for name in ("height", "width", "image_batch_size", "video_batch_size", "prefetch_factor"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.crop not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, got {self.crop!r}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
+        if not 0.0 <= self.image_prob <= 1.0:
+            raise ValueError(f"image_prob must be in [0, 1], got {self.image_prob}")
+        if self.image_prob > 0 and not self.image_roots.strip():
+            raise ValueError("image_roots must name at least one root when image_prob > 0")
+        if self.image_prob < 1 and not self.video_roots.strip():
+            raise ValueError("video_roots must name at least one root when image_prob < 1")
+        for i, bucket in enumerate(self.buckets):
+            bucket.validate(f"buckets[{i}]")
+        shapes = [(b.frames, b.height, b.width) for b in self.buckets]
+        if len(set(shapes)) != len(shapes):
+            raise ValueError(f"buckets must have distinct (frames, height, width), got {shapes}")
+
+    def video_buckets(self) -> list[BucketConfig]:
+        own = [b for b in self.buckets if b.frames > 1]
+        return own or [BucketConfig(self.num_frames, self.height, self.width, self.video_batch_size)]
+
+    def image_buckets(self) -> list[BucketConfig]:
+        own = [b for b in self.buckets if b.frames == 1]
+        return own or [BucketConfig(1, self.height, self.width, self.image_batch_size)]
+
+
+def split_roots(roots: str) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``."""
+    return [r.strip() for r in roots.split(",") if r.strip()]

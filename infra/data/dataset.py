@@ -1,0 +1,195 @@
+"""The training data stream: homogeneous batches of videos or images, deterministic and resumable.
+
+``build_loader(cfg, rank, world_size, seed, start_batch)`` returns a ``DataLoader`` whose ``i``-th batch is batch
+``start_batch + i`` of the uninterrupted run (see ``sampling`` for how batches are planned). DataLoader worker ``w`` of
+``n`` produces the batches ``start_batch + w, start_batch + w + n, ...``; the DataLoader hands them out round-robin,
+so they arrive in order and no batch is produced twice.
+
+A batch is a dict::
+
+    video    float tensor (B, 3, T, H, W) in [-1, 1]   (T == 1 for images)
+    caption  list[str], "" where a sample has none
+    meta     list[dict]: the sample's meta line (extra fields such as ``truth`` pass through) plus ``key``, ``shard``,
+             ``start_frame``, ``frame_indices``, ``source_fps``, ``source_size`` (w, h)
+    kind     "image" | "video"
+    step     the batch's index in the run (the data position to store is ``step + 1``)
+    skips    {reason: count} of samples skipped while producing this batch; add them up with ``SkipTotals``
+
+Bad samples (unreadable, truncated, too short) are replaced by a random sample of the same bucket, drawn from the
+batch's own generator, so the replacement is as deterministic as the rest.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .buckets import assign_buckets, frame_offsets, frame_span, start_frame
+from .config import BucketConfig, DataConfig
+from .decode import TruncatedVideo, decode_image, image_size, open_video
+from .sampling import BatchSchedule, BucketStream, sample_rng
+from .shard_index import SampleRecord, ShardReader, index_shards
+from .skips import TOO_SHORT, TRUNCATED, UNREADABLE, SkipCounter
+from .transforms import frames_to_tensor
+
+logger = logging.getLogger("infra.data")
+
+MAX_ATTEMPTS_PER_SAMPLE = 50  # consecutive failures to fill one slot before we conclude the data set is broken
+
+
+class SampleError(Exception):
+    """A sample that cannot be used, with the reason it is counted under."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass
+class ClipRequest:
+    """What to cut from one sample: the batch shape, where to start (u_start) and where to crop (uy, ux)."""
+
+    frames: int
+    height: int
+    width: int
+    fps: float
+    u_start: float = 0.0
+    uy: float = 0.5
+    ux: float = 0.5
+
+
+def caption_of(record: SampleRecord, reader: ShardReader) -> str:
+    if "txt" in record.files:
+        return reader.read(record, "txt").decode("utf-8", errors="replace").strip()
+    return str(record.meta.get("caption") or "")
+
+
+def load_sample(record: SampleRecord, request: ClipRequest, reader: ShardReader,
+                decoder: str) -> tuple[torch.Tensor, str, dict]:
+    """Decode and cut one sample: (3, T, H, W) in [-1, 1], caption, meta. Raises ``SampleError`` for bad input."""
+    try:
+        data = reader.read(record, record.media_ext)
+        caption = caption_of(record, reader)
+    except OSError as e:
+        raise SampleError(UNREADABLE, repr(e)) from e
+    meta = {**record.meta, "key": record.key, "shard": record.shard}
+    if record.kind == "image":
+        try:
+            frames = decode_image(data)
+        except Exception as e:  # PIL raises many types for bad files
+            raise SampleError(UNREADABLE, repr(e)) from e
+        meta.update(start_frame=0, frame_indices=[0], source_size=[frames.shape[2], frames.shape[1]])
+        return frames_to_tensor(frames, request.height, request.width, request.uy, request.ux), caption, meta
+
+    source_fps = float(record.meta["fps"])
+    try:
+        source = open_video(data, decoder)
+    except Exception as e:  # decord and PyAV raise their own error types for corrupt data
+        raise SampleError(UNREADABLE, repr(e)) from e
+    # The meta line's duration undercounts real clips by up to a frame; trust the container when it says fewer.
+    available = min(record.num_frames, source.num_frames) if source.num_frames > 0 else record.num_frames
+    span = frame_span(request.frames, source_fps, request.fps)
+    if available < span:
+        reason = TRUNCATED if available < record.num_frames else TOO_SHORT
+        raise SampleError(reason, f"{available} frames, {span} needed")
+    start = start_frame(request.u_start, available, span)
+    indices = [start + o for o in frame_offsets(request.frames, source_fps, request.fps)]
+    try:
+        frames = source.get(indices)
+    except TruncatedVideo as e:
+        raise SampleError(TRUNCATED, str(e)) from e
+    except Exception as e:
+        raise SampleError(UNREADABLE, repr(e)) from e
+    meta.update(start_frame=start, frame_indices=indices, source_fps=source_fps,
+                source_size=[frames.shape[2], frames.shape[1]])
+    return frames_to_tensor(frames, request.height, request.width, request.uy, request.ux), caption, meta
+
+
+class ShardBatchDataset(IterableDataset):
+    """Endless homogeneous batches for one rank, from ``start_batch`` on; see the module docstring."""
+
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0, start_batch: int = 0):
+        cfg.validate()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        self.cfg, self.rank, self.world_size, self.seed, self.start_batch = cfg, rank, world_size, seed, start_batch
+        self.reader = ShardReader()
+        index_skips = SkipCounter()
+        video = index_shards(cfg.video_roots, "video", index_skips) if cfg.image_prob < 1 else []
+        image = index_shards(cfg.image_roots, "image", index_skips) if cfg.image_prob > 0 else []
+        video_buckets, image_buckets = cfg.video_buckets(), cfg.image_buckets()
+        video_pools = assign_buckets(video, video_buckets, cfg.fps, index_skips)
+        image_pools = assign_buckets(image, image_buckets, cfg.fps, index_skips, self._image_aspect)
+        self.records = video + image
+        self.buckets: list[BucketConfig] = video_buckets + image_buckets
+        self.kinds = ["video"] * len(video_buckets) + ["image"] * len(image_buckets)
+        self.pools = video_pools + [[i + len(video) for i in pool] for pool in image_pools]
+        self.index_skips = index_skips.take()
+        # A bucket is drawn in proportion to the batches its pool fills, so every bucket finishes epochs together.
+        weights = [len(pool) / b.batch_size for pool, b in zip(self.pools, self.buckets)]
+        self.schedule = BatchSchedule(seed, cfg.image_prob, weights[:len(video_buckets)], weights[len(video_buckets):])
+        self.streams = [BucketStream(seed, b, pool) for b, pool in enumerate(self.pools)]
+        for bucket, kind, pool in zip(self.buckets, self.kinds, self.pools):
+            if not pool:
+                logger.warning("%s bucket %s has no samples and is never drawn", kind, bucket)
+        if self.index_skips:
+            logger.warning("indexing the shards skipped samples: %s", self.index_skips)
+
+    def _image_aspect(self, record: SampleRecord) -> float | None:
+        try:
+            w, h = image_size(self.reader.read(record, record.media_ext))
+            return w / h
+        except Exception:
+            return None  # a bad image is caught and counted when it is decoded
+
+    def batch(self, step: int, bucket: int, uses: int, skips: SkipCounter) -> dict:
+        spec, kind = self.buckets[bucket], self.kinds[bucket]
+        stream = self.streams[bucket]
+        rng = sample_rng(self.seed, step, self.rank)
+        draws = rng.random((spec.batch_size, 3))
+        videos, captions, metas = [], [], []
+        for index, (u_start, uy, ux) in zip(stream.slot(uses, self.rank, self.world_size, spec.batch_size), draws):
+            for attempt in range(MAX_ATTEMPTS_PER_SAMPLE):
+                if attempt:
+                    # Replace a bad sample by a random one of the same bucket, drawn from this batch's generator.
+                    index = int(self.pools[bucket][rng.integers(len(self.pools[bucket]))])
+                    u_start, uy, ux = rng.random(3)
+                if self.cfg.crop == "center":
+                    uy = ux = 0.5
+                record = self.records[index]
+                request = ClipRequest(spec.frames, spec.height, spec.width, self.cfg.fps, u_start, uy, ux)
+                try:
+                    video, caption, meta = load_sample(record, request, self.reader, self.cfg.decoder)
+                except SampleError as e:
+                    skips.skip(e.reason, f"{record.shard}:{record.key}", str(e))
+                    continue
+                videos.append(video)
+                captions.append(caption)
+                metas.append(meta)
+                break
+            else:
+                raise RuntimeError(f"{MAX_ATTEMPTS_PER_SAMPLE} samples in a row of {kind} bucket {spec} could not be "
+                                   f"used; is the data broken? skips: {dict(skips.counts)}")
+        return {"video": torch.stack(videos), "caption": captions, "meta": metas, "kind": kind, "step": step,
+                "skips": skips.take()}
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        skips = SkipCounter()
+        for step, bucket, uses in self.schedule.iterate(self.start_batch, len(self.buckets)):
+            if (step - self.start_batch) % num_workers == worker:
+                yield self.batch(step, bucket, uses, skips)
+
+
+def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0, start_batch: int = 0,
+                 pin_memory: bool = False) -> DataLoader:
+    """The DataLoader for one rank; its ``i``-th batch is batch ``start_batch + i`` of the run."""
+    dataset = ShardBatchDataset(cfg, rank, world_size, seed, start_batch)
+    extra = {"prefetch_factor": cfg.prefetch_factor} if cfg.num_workers > 0 else {}
+    return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin_memory, **extra)

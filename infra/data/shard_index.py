@@ -1,0 +1,179 @@
+"""Indexing WebDataset shards for random access.
+
+Each shard ``<prefix>NNNNNN.tar`` is scanned once (tar headers only, no payload is read) to record where each member's
+bytes lie; the records are joined with ``<prefix>NNNNNN.meta.jsonl``. A sample's files can then be read with one
+``seek`` + ``read``, which is what lets a resumed run jump to any batch without decoding the batches before it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import split_roots
+from .skips import BAD_META, MISSING_META, UNREADABLE_SHARD, ZERO_FPS, SkipCounter
+
+VIDEO_EXTS = ("mp4",)
+IMAGE_EXTS = ("jpg", "jpeg", "png")
+
+
+@dataclass(frozen=True)
+class Member:
+    offset: int
+    size: int
+
+
+@dataclass
+class SampleRecord:
+    """One sample: where its files are and what its meta line says."""
+
+    shard: str
+    key: str
+    kind: str  # "video" | "image"
+    media_ext: str
+    files: dict[str, Member]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_frames(self) -> int:
+        """Frames the meta line promises (1 for images): ``floor(duration * fps)``, which real clips meet or exceed."""
+        if self.kind != "video":
+            return 1
+        return int(math.floor(float(self.meta["duration"]) * float(self.meta["fps"]) + 1e-6))
+
+    @property
+    def aspect(self) -> float | None:
+        """Width / height from the meta line, when it gives both."""
+        try:
+            w, h = float(self.meta["width"]), float(self.meta["height"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        return w / h if w > 0 and h > 0 else None
+
+
+def find_shards(roots: str | list[str]) -> list[Path]:
+    """Every ``.tar`` under the comma-separated roots (a root is a folder of shards or one tar), sorted per root."""
+    paths: list[Path] = []
+    for root in split_roots(roots) if isinstance(roots, str) else roots:
+        p = Path(root).expanduser()
+        if p.is_file():
+            paths.append(p)
+        elif p.is_dir():
+            paths.extend(sorted(p.glob("*.tar")))
+        else:
+            raise FileNotFoundError(f"data root {root!r} is neither a folder nor a file")
+    return paths
+
+
+def meta_path(shard: Path) -> Path:
+    return shard.with_name(shard.name[: -len(".tar")] + ".meta.jsonl")
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """WebDataset convention: the key is the path up to the first dot of the file name; the rest is the extension."""
+    directory, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+
+
+def read_meta(shard: Path) -> dict[str, dict]:
+    path = meta_path(shard)
+    if not path.exists():
+        return {}
+    out = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                entry = json.loads(line)
+                out[str(entry["key"])] = entry
+    return out
+
+
+def _scan_tar(shard: Path, skips: SkipCounter) -> dict[str, dict[str, Member]]:
+    samples: dict[str, dict[str, Member]] = {}
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            for info in tar:
+                if info.isfile():
+                    key, ext = _split_name(info.name)
+                    samples.setdefault(key, {})[ext] = Member(info.offset_data, info.size)
+    except (tarfile.TarError, OSError) as e:
+        # Keep what was indexed before the damage; the damaged tail is reported.
+        skips.skip(UNREADABLE_SHARD, str(shard), repr(e))
+    return samples
+
+
+def _video_meta_problem(meta: dict | None) -> str | None:
+    if meta is None:
+        return MISSING_META
+    try:
+        fps = float(meta.get("fps") or 0)
+    except (TypeError, ValueError):
+        fps = 0.0
+    if not fps > 0 or not math.isfinite(fps):
+        return ZERO_FPS
+    try:
+        duration = float(meta["duration"])
+    except (KeyError, TypeError, ValueError):
+        return BAD_META
+    return None if duration > 0 and math.isfinite(duration) else BAD_META
+
+
+def index_shards(roots: str | list[str], kind: str, skips: SkipCounter) -> list[SampleRecord]:
+    """The samples of the given kind (``"video"`` or ``"image"``) in the roots, in shard then tar order.
+
+    Video samples without a usable meta line are skipped and counted: their duration and fps are what sampling needs.
+    Image samples need no meta line (the caption comes from ``.txt``).
+    """
+    if kind not in ("video", "image"):
+        raise ValueError(f"kind must be 'video' or 'image', got {kind!r}")
+    exts = VIDEO_EXTS if kind == "video" else IMAGE_EXTS
+    records = []
+    for shard in find_shards(roots):
+        metas = read_meta(shard)
+        for key, files in _scan_tar(shard, skips).items():
+            media_ext = next((e for e in exts if e in files), None)
+            if media_ext is None:
+                continue  # another kind's sample (or a stray file): not ours, not bad input
+            meta = metas.get(key)
+            if kind == "video":
+                problem = _video_meta_problem(meta)
+                if problem is not None:
+                    skips.skip(problem, f"{shard.name}:{key}", f"meta line {meta}")
+                    continue
+            records.append(SampleRecord(os.fspath(shard), key, kind, media_ext, files, dict(meta or {})))
+    return records
+
+
+class ShardReader:
+    """Reads a sample's files by offset, keeping a few shard files open (one reader per worker process)."""
+
+    def __init__(self, max_open: int = 16):
+        self.max_open = max_open
+        self._handles: dict[str, object] = {}
+
+    def read(self, record: SampleRecord, ext: str) -> bytes:
+        member = record.files[ext]
+        f = self._handles.get(record.shard)
+        if f is None:
+            if len(self._handles) >= self.max_open:
+                self._handles.pop(next(iter(self._handles))).close()
+            f = self._handles[record.shard] = open(record.shard, "rb")
+        f.seek(member.offset)
+        data = f.read(member.size)
+        if len(data) != member.size:
+            raise EOFError(f"{record.shard}:{record.key}.{ext}: read {len(data)} of {member.size} bytes")
+        return data
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles.clear()
+
+    def __getstate__(self):
+        # Open files do not cross process boundaries: each worker opens its own.
+        return {"max_open": self.max_open, "_handles": {}}
