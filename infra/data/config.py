@@ -80,9 +80,9 @@ class DataConfig:
             raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
         if not 0.0 <= self.image_prob <= 1.0:
             raise ValueError(f"image_prob must be in [0, 1], got {self.image_prob}")
-        if self.image_prob > 0 and not self.image_roots.strip():
+        if self.image_prob > 0 and not split_roots(self.image_roots):
             raise ValueError("image_roots must name at least one root when image_prob > 0")
-        if self.image_prob < 1 and not self.video_roots.strip():
+        if self.image_prob < 1 and not split_roots(self.video_roots):
             raise ValueError("video_roots must name at least one root when image_prob < 1")
         for i, bucket in enumerate(self.buckets):
             bucket.validate(f"buckets[{i}]")
