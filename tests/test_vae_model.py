@@ -1,0 +1,174 @@
+"""SSVAE model behaviour on a tiny config with the released compression (16x space, 4x time)."""
+
+import pytest
+import torch
+
+from vae.config import DecoderConfig, EncoderConfig, SSVAEConfig
+from vae.model import SSVAE
+from vae.posterior import DiagonalGaussian
+
+
+def tiny_config(**kw) -> SSVAEConfig:
+    common = dict(ch=4, ch_mult=(2, 4, 8, 16, 16), num_res_blocks=1, num_mid_blocks=2, z_channels=8)
+    return SSVAEConfig(encoder=EncoderConfig(**common), decoder=DecoderConfig(**common), **kw)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = SSVAE(tiny_config()).eval()
+    # Non-zero attention projections so the attention path is exercised.
+    for p in m.parameters():
+        if p.ndim == 4 and p.shape[-1] == 1:
+            torch.nn.init.normal_(p, std=0.05)
+    return m
+
+
+def test_shapes_video_and_image(model):
+    x = torch.rand(2, 3, 9, 32, 48) * 2 - 1
+    with torch.no_grad():
+        moments = model.encode_moments(x)
+        assert moments.shape == (2, 16, 3, 2, 3)
+        assert model.decode(model.encode(x)).shape == x.shape
+        image = x[:, :, :1]
+        assert model.encode(image).shape == (2, 8, 1, 2, 3)
+        assert model.decode(model.encode(image)).shape == image.shape
+
+
+def test_encoder_is_causal_in_time(model):
+    torch.manual_seed(1)
+    x = torch.randn(1, 3, 9, 32, 32)
+    with torch.no_grad():
+        short = model.encode_moments(x[:, :, :5])
+        long = model.encode_moments(x)
+        image = model.encode_moments(x[:, :, :1])
+    torch.testing.assert_close(long[:, :, :2], short, atol=1e-5, rtol=0)
+    torch.testing.assert_close(long[:, :, :1], image, atol=1e-5, rtol=0)
+
+
+def test_decoder_is_causal_in_time(model):
+    torch.manual_seed(2)
+    z = torch.randn(1, 8, 3, 2, 2)
+    with torch.no_grad():
+        long = model.decoder(z)
+        short = model.decoder(z[:, :, :2])
+    assert long.shape[2] == 9 and short.shape[2] == 5
+    torch.testing.assert_close(long[:, :, :5], short, atol=1e-5, rtol=0)
+
+
+def test_future_frames_change_later_latents(model):
+    x = torch.randn(1, 3, 5, 32, 32)
+    y = x.clone()
+    y[:, :, 4] += 1.0
+    with torch.no_grad():
+        a, b = model.encode_moments(x), model.encode_moments(y)
+    assert torch.equal(a[:, :, 0], b[:, :, 0])
+    assert (a[:, :, 1] - b[:, :, 1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ((1, 3, 4, 32, 32), "frame count"),
+        ((1, 3, 5, 24, 32), "multiples of 16"),
+        ((1, 4, 5, 32, 32), "3 channels"),
+        ((3, 5, 32, 32), r"\(B, C, T, H, W\)"),
+    ],
+)
+def test_bad_video_input_raises(model, shape, message):
+    with pytest.raises(ValueError, match=message):
+        model.encode(torch.zeros(shape))
+
+
+def test_bad_latent_input_raises(model):
+    with pytest.raises(ValueError, match="8 channels"):
+        model.decode(torch.zeros(1, 4, 1, 2, 2))
+
+
+def test_posterior_kl_sample_and_clamp():
+    moments = torch.zeros(2, 4, 1, 1, 3)
+    moments[:, :2] = 1.0  # mean 1, logvar 0 -> KL = 0.5 * mean^2 per element
+    moments[1, 2:] = 50.0  # clamped to 20
+    post = DiagonalGaussian(moments)
+    assert post.logvar.max() == 20.0
+    kl0 = 0.5 * 6 * 1.0
+    kl1 = 0.5 * 6 * (1 + torch.exp(torch.tensor(20.0)) - 1 - 20)
+    torch.testing.assert_close(post.kl(), (kl0 + kl1) / 2)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(post.sample(g1), post.sample(g2))
+    assert torch.equal(post.mode(), post.mean)
+
+
+def test_latent_normalisation_and_mask_token(model):
+    assert model.mask_token.shape == (1, 8, 1, 1, 1) and model.mask_token.requires_grad
+    x = torch.randn(1, 3, 1, 16, 16)
+    with torch.no_grad():
+        raw = model.posterior(x).mean
+        model.set_latent_stats(torch.arange(8.0), torch.full((8,), 2.0))
+        try:
+            torch.testing.assert_close(model.encode(x), (raw - torch.arange(8.0).view(1, 8, 1, 1, 1)) / 2)
+            torch.testing.assert_close(model.decode(model.encode(x)), model.decoder(raw), atol=1e-5, rtol=0)
+        finally:
+            model.set_latent_stats(torch.zeros(8), torch.ones(8))
+    with pytest.raises(ValueError, match="8 values"):
+        model.set_latent_stats([0.0], [1.0])
+
+
+def test_last_layers_and_gradients_flow():
+    torch.manual_seed(0)
+    model = SSVAE(tiny_config())
+    x = torch.randn(1, 3, 5, 16, 16)
+    rec, post = model(x)
+    (rec.abs().mean() + post.kl()).backward()
+    assert model.encoder_last_layer.shape == (16, 64, 3, 3, 3)
+    assert model.decoder_last_layer.shape == (3, 8, 3, 3, 3)
+    assert model.encoder_last_layer.grad.abs().sum() > 0 and model.decoder_last_layer.grad.abs().sum() > 0
+
+
+def test_gradient_checkpointing_matches_and_frozen_encoder():
+    torch.manual_seed(0)
+    plain = SSVAE(tiny_config())
+    cfg = tiny_config()
+    cfg.encoder.gradient_checkpointing = cfg.decoder.gradient_checkpointing = True
+    ckpt = SSVAE(cfg)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 3, 5, 16, 16)
+    for m in (plain, ckpt):
+        m(x, sample=False)[0].square().mean().backward()
+    torch.testing.assert_close(ckpt.encoder.conv_in.conv.weight.grad, plain.encoder.conv_in.conv.weight.grad)
+    cfg = tiny_config()
+    cfg.encoder.frozen = True
+    frozen = SSVAE(cfg)
+    assert not any(p.requires_grad for p in frozen.encoder.parameters())
+    assert all(p.requires_grad for p in frozen.decoder.parameters())
+
+
+def test_save_and_load_round_trip(model, tmp_path):
+    model.set_latent_stats(torch.linspace(-1, 1, 8), torch.linspace(0.5, 2, 8))
+    try:
+        model.save_pretrained(tmp_path / "vae")
+        loaded = SSVAE.from_pretrained(tmp_path / "vae")
+    finally:
+        model.set_latent_stats(torch.zeros(8), torch.ones(8))
+    assert loaded.config.latent_std == tuple(torch.linspace(0.5, 2, 8).tolist())
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    for k in state:
+        if k not in ("latent_mean", "latent_std"):
+            assert torch.equal(state[k], loaded_state[k]), k
+    torch.testing.assert_close(loaded.latent_std.flatten(), torch.linspace(0.5, 2, 8))
+    with pytest.raises(FileNotFoundError, match="local folder"):
+        SSVAE.from_pretrained(tmp_path / "missing")
+
+
+def test_config_validation_names_the_key():
+    with pytest.raises(ValueError, match="temporal_downsample"):
+        SSVAEConfig(encoder=EncoderConfig(temporal_downsample=(True,))).validate()
+    with pytest.raises(ValueError, match="decoder.z_channels"):
+        SSVAEConfig(decoder=DecoderConfig(z_channels=16)).validate()
+    with pytest.raises(ValueError, match="encoder.norm"):
+        EncoderConfig(norm="batchnorm").validate()
+    with pytest.raises(ValueError, match="latent_std"):
+        SSVAEConfig(latent_std=(1.0,) * 47).validate()
+    with pytest.raises(ValueError, match="unknown encoder key"):
+        SSVAEConfig.from_dict({"encoder": {"chh": 3}})
