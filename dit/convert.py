@@ -344,3 +344,25 @@ def export_sat(model: CogVideoXTransformer) -> dict:
     ``mp_rank_00_model_states.pt``."""
     sat = state_dict_to_sat(model.state_dict(), model.config)
     return {"module": {SAT_PREFIX + k: v for k, v in sat.items()}}
+
+
+def diffusers_rotary_emb(config: DiTConfig, frames: int, height: int, width: int,
+                         device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The ``image_rotary_emb`` that diffusers' CogVideoX pipeline passes to its transformer for latents of
+    frames x height x width (None for sin-cos models): what a diffusers model needs to run on the inputs
+    ours takes (benchmarks, parity tests). Uses diffusers' own functions."""
+    if config.positional_embedding == "sincos":
+        return None
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    p = config.patch_size
+    grid = (height // p, width // p)
+    base_h, base_w = config.sample_height // p, config.sample_width // p
+    if config.patch_size_t is None:
+        crops = get_resize_crop_region_for_grid(grid, base_w, base_h)
+        return get_3d_rotary_pos_embed(config.attention_head_dim, crops, grid, frames, device=device)
+    return get_3d_rotary_pos_embed(
+        config.attention_head_dim, None, grid, (frames + config.patch_size_t - 1) // config.patch_size_t,
+        grid_type="slice", max_size=(base_h, base_w), device=device,
+    )
