@@ -45,12 +45,14 @@ def config_from_diffusers(config: Mapping, **overrides) -> DiTConfig:
     learned = c.get("use_learned_positional_embeddings", False)
     patch_size_t = c.get("patch_size_t")
     tcr = c.get("temporal_compression_ratio", DIFFUSERS_TEMPORAL_COMPRESSION)
+    in_channels = c.get("in_channels", 16)
+    out_channels = c.get("out_channels", 16)
     fields = dict(
         num_layers=c.get("num_layers", 30),
         num_attention_heads=c.get("num_attention_heads", 30),
         attention_head_dim=c.get("attention_head_dim", 64),
-        in_channels=c.get("in_channels", 16),
-        out_channels=c.get("out_channels", 16),
+        in_channels=in_channels,
+        out_channels=None if out_channels in (None, in_channels) else out_channels,  # None: same as in
         text_embed_dim=c.get("text_embed_dim", 4096),
         max_text_seq_length=c.get("max_text_seq_length", 226),
         time_embed_dim=c.get("time_embed_dim", 512),
