@@ -1,0 +1,103 @@
+"""Distributed start-up for every entry point.
+
+Works under the ``deepspeed`` launcher (which passes ``--local_rank``), torchrun with environment rendezvous, Slurm
+(``srun`` without a launcher: SLURM_* variables) and as a plain single process. gloo on CPU, NCCL on GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _environment_from_slurm() -> None:
+    """Map Slurm's variables onto torch's when a job is started by srun without torchrun or deepspeed."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or "SLURM_NTASKS" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in os.environ:
+        nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "127.0.0.1")
+        # "node[01-04],other" -> "node01": good enough for the common bracket form; set MASTER_ADDR otherwise.
+        first = nodes.split(",")[0]
+        if "[" in first:
+            base, rng = first.split("[", 1)
+            first = base + rng.rstrip("]").split("-")[0].split(",")[0]
+        os.environ["MASTER_ADDR"] = first
+    os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def init_distributed(local_rank: int | None = None) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (idempotent) and return this process's place in the job."""
+    _environment_from_slurm()
+    if "RANK" not in os.environ:  # a plain `python -m ...` run: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank or 0))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if local_rank is not None and local_rank >= 0:
+        os.environ["LOCAL_RANK"] = str(local_rank)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    elif os.environ.get("SSVAE_DS_SHM_COMM", "0") != "1":
+        # DeepSpeed otherwise JIT-compiles a shared-memory comm op with g++ on every CPU start (25-40 s);
+        # plain gloo is fast enough for CPU-scale runs.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_true(flag: bool) -> bool:
+    """True only if ``flag`` is true on every rank (so all ranks take the same branch)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([0.0 if flag else 1.0])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return t.item() == 0.0
+
+
+def parse_entry_args(argv: list[str] | None = None, description: str = "") -> argparse.Namespace:
+    """``--config FILE [key=value ...]`` plus the ``--local_rank`` every launcher may pass."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="run YAML (see configs/)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the YAML, e.g. run.max_steps=10")
+    return parser.parse_args(argv)

@@ -1,0 +1,71 @@
+"""DeepSpeed engines built from the run's ``deepspeed:`` section and an optimizer section.
+
+A run can hold several engines (the VAE has a generator and a discriminator, each with its own optimizer and learning
+rate); each is a separate ``deepspeed.initialize`` call sharing the one process group.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from infra.config import DeepSpeedConfig, OptimizerConfig
+
+log = logging.getLogger(__name__)
+
+
+def deepspeed_config(ds: DeepSpeedConfig, opt: OptimizerConfig, world_size: int, use_fused: bool) -> dict:
+    """The JSON config DeepSpeed expects. The micro batch is nominal: our data loader, not DeepSpeed's, batches."""
+    cfg = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": ds.gradient_accumulation_steps,
+        "train_batch_size": ds.gradient_accumulation_steps * world_size,
+        "gradient_clipping": ds.gradient_clipping,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "optimizer": {
+            "type": "AdamW" if opt.type == "adamw" else "Adam",
+            "params": {
+                "lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay,
+                # torch's own (Adam)W on CPU: DeepSpeed would otherwise JIT-compile FusedAdam/CPUAdam (~45 s each).
+                "torch_adam": not use_fused,
+                **({"adam_w_mode": opt.type == "adamw"} if use_fused else {}),
+            },
+        },
+        "steps_per_print": 10**9,  # the trainer logs; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+    }
+    if ds.zero_stage == 3:
+        cfg["zero_optimization"].update(stage3_gather_16bit_weights_on_model_save=True)
+    _deep_update(cfg, dict(ds.extra))
+    return cfg
+
+
+def _deep_update(base: dict, extra: dict) -> None:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+
+
+def build_engine(module: nn.Module, ds: DeepSpeedConfig, opt: OptimizerConfig, world_size: int):
+    """Wrap ``module`` (only its trainable parameters are optimised) in a DeepSpeed engine."""
+    import deepspeed
+
+    cuda = torch.cuda.is_available()
+    use_fused = {"auto": cuda, "yes": True, "no": False}[ds.fused_optimizer]
+    if ds.precision == "bf16" and not cuda:
+        log.warning("bf16 on CPU runs, but slowly; fp32 is the usual CPU choice")
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{type(module).__name__} has no trainable parameters to give an optimizer")
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, model_parameters=params, config=deepspeed_config(ds, opt, world_size, use_fused))
+    return engine
+
+
+def set_learning_rate(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,229 @@
+"""The training loop both trainings run on.
+
+A training (the VAE, the text-to-video DiT) is a ``TrainTask``: it names its engines (module + optimizer section),
+supplies batches from a data position, and performs one micro-step with the ``StepContext`` it is given. The
+``Trainer`` owns everything else: engines, learning-rate schedules, EMA, non-finite-loss skipping, logging, the
+progress bar, evaluation hooks, atomic checkpoints and exact resume.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from infra.checkpoint import CheckpointManager
+from infra.config import OptimizerConfig, load_config, save_config, to_dict
+from infra.distributed import DistInfo, all_true, init_distributed, parse_entry_args
+from infra.ema import EMA
+from infra.engine import build_engine, set_learning_rate
+from infra.metric_log import MetricLogger
+from infra.schedule import learning_rate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineSpec:
+    name: str
+    module: nn.Module
+    optimizer: OptimizerConfig
+    ema: bool = False  # keep an EMA of this engine's weights (when run.ema_decay > 0)
+
+
+class TrainTask:
+    """What a training supplies. Subclasses override the first three; the rest are optional."""
+
+    def engine_specs(self) -> list[EngineSpec]:
+        raise NotImplementedError
+
+    def batches(self, start_batch: int) -> Iterator[Any]:
+        """Batches from data position ``start_batch`` on, identical to an uninterrupted stream from there."""
+        raise NotImplementedError
+
+    def train_step(self, batch: Any, step: int, ctx: "StepContext") -> dict[str, float]:
+        """One micro-batch: compute losses, call ``ctx.backward_and_step``; return scalars to log."""
+        raise NotImplementedError
+
+    def evaluate(self, step: int, ctx: "StepContext") -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+class StepContext:
+    """The engines, and the one way a task steps them (so every step gets the same non-finite-loss guard)."""
+
+    def __init__(self, engines: dict, dist: DistInfo, output_dir: str, emas: dict[str, EMA]):
+        self.engines, self.dist, self.output_dir, self.emas = engines, dist, output_dir, emas
+        self.skipped_nonfinite = 0
+
+    def engine(self, name: str):
+        return self.engines[name]
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    def backward_and_step(self, name: str, loss: torch.Tensor) -> bool:
+        """Backward and optimizer step on engine ``name``; skip (on every rank) if any rank's loss is not finite."""
+        if not all_true(bool(torch.isfinite(loss.detach()).all())):
+            self.skipped_nonfinite += 1
+            log.warning("non-finite loss for %s: step skipped (%d so far)", name, self.skipped_nonfinite)
+            return False
+        engine = self.engines[name]
+        engine.backward(loss)
+        engine.step()
+        return True
+
+
+class Trainer:
+    def __init__(self, cfg: Any, task: TrainTask, dist: DistInfo):
+        self.cfg, self.task, self.dist = cfg, task, dist
+        self.run = cfg.run
+        self.specs = {s.name: s for s in task.engine_specs()}
+        self.engines = {n: build_engine(s.module, cfg.deepspeed, s.optimizer, dist.world_size)
+                        for n, s in self.specs.items()}
+        self.emas = {n: EMA(self.engines[n].module, self.run.ema_decay)
+                     for n, s in self.specs.items() if s.ema and self.run.ema_decay > 0}
+        self.ctx = StepContext(self.engines, dist, self.run.output_dir, self.emas)
+        self.ckpt = CheckpointManager(f"{self.run.output_dir}/checkpoints", dist.rank, self.run.keep_last)
+        self.logger = MetricLogger(self.run.output_dir, dist.is_main, self.run.tensorboard, self.run.wandb,
+                                   self.run.wandb_project, to_dict(cfg))
+        self.step, self.data_position = 0, 0
+        self._stop_signal = False
+
+    # ------------------------------------------------------------------------------------------ state
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "data_position": self.data_position,
+                "skipped_nonfinite": self.ctx.skipped_nonfinite, "config": to_dict(self.cfg)}
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {f"task.{k}": v for k, v in self.task.state_dict().items()}
+        for name, ema in self.emas.items():
+            tensors.update({f"ema.{name}.{k}": v for k, v in ema.state_dict().items()})
+        return tensors
+
+    def save(self) -> None:
+        path = self.ckpt.save(self.step, self.engines, self._trainer_state(), self._tensors())
+        if self.dist.is_main:
+            log.info("saved checkpoint %s", path)
+
+    def restore(self) -> None:
+        path = self.ckpt.resolve(self.run.resume)
+        if path is None:
+            return
+        state, tensors = self.ckpt.load(path, self.engines)
+        self.step, self.data_position = state["step"], state["data_position"]
+        self.ctx.skipped_nonfinite = state["skipped_nonfinite"]
+        self.task.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("task.")})
+        for name, ema in self.emas.items():
+            ema.load_state_dict({k[len(name) + 5:]: v for k, v in tensors.items() if k.startswith(f"ema.{name}.")})
+        if self.dist.is_main:
+            log.info("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------------------------------------- loop
+    def fit(self) -> dict[str, float]:
+        self.restore()
+        if self.dist.is_main:
+            save_config(self.cfg, f"{self.run.output_dir}/config.yaml")
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)  # preemption: save, then stop
+        accum = self.cfg.deepspeed.gradient_accumulation_steps
+        stop_at = min(self.run.max_steps, self.run.stop_after or self.run.max_steps)
+        data = iter(self.task.batches(self.data_position))
+        window: dict[str, list[float]] = defaultdict(list)
+        bar = tqdm(total=self.run.max_steps, initial=self.step, disable=not (self.dist.is_main and self.run.progress_bar),
+                   desc="train", unit="step", dynamic_ncols=True)
+        last_eval: dict[str, float] = {}
+        tick, samples = time.perf_counter(), 0
+        while self.step < stop_at:
+            for name, spec in self.specs.items():
+                set_learning_rate(self.engines[name], learning_rate(spec.optimizer, self.step))
+            for _ in range(accum):
+                batch = next(data)
+                self.data_position += 1
+                samples += _batch_size(batch)
+                for k, v in self.task.train_step(batch, self.step, self.ctx).items():
+                    window[k].append(float(v))
+            for name, ema in self.emas.items():
+                ema.update(self.engines[name].module)
+            self.step += 1
+            bar.update(1)
+            if self.step % self.run.log_every == 0 or self.step == stop_at:
+                elapsed = time.perf_counter() - tick
+                metrics = {k: sum(v) / len(v) for k, v in window.items()}
+                metrics.update({f"lr/{n}": learning_rate(s.optimizer, self.step - 1) for n, s in self.specs.items()},
+                               skipped_nonfinite=self.ctx.skipped_nonfinite, samples_per_s=samples / elapsed)
+                self.logger.log(self.step, metrics)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in list(metrics.items())[:3]}, refresh=False)
+                window.clear()
+                tick, samples = time.perf_counter(), 0
+            if self.run.eval_every and self.step % self.run.eval_every == 0:
+                last_eval = self._evaluate()
+            if self.run.save_every and self.step % self.run.save_every == 0:
+                self.save()
+            if not all_true(not self._stop_signal):
+                log.warning("SIGTERM received: checkpointing at step %d and stopping", self.step)
+                break
+        if not self.run.eval_every or self.step % self.run.eval_every:
+            last_eval = self._evaluate()
+        if not (self.run.save_every and self.step % self.run.save_every == 0):
+            self.save()
+        bar.close()
+        self.logger.close()
+        signal.signal(signal.SIGTERM, previous)
+        return last_eval
+
+    def _evaluate(self) -> dict[str, float]:
+        metrics = {f"eval/{k}": v for k, v in self.task.evaluate(self.step, self.ctx).items()}
+        self.logger.log(self.step, metrics)
+        return metrics
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop_signal = True
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, dict):
+        for v in batch.values():
+            if isinstance(v, torch.Tensor):
+                return v.shape[0]
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    return 1
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_training(schema: type, make_task: Callable[[Any, DistInfo], TrainTask], argv: list[str] | None = None,
+                 description: str = "") -> dict[str, float]:
+    """The body of every training entry point: parse, validate, start distributed, build the task, train."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_entry_args(argv, description)
+    cfg = load_config(schema, args.config, args.overrides)
+    dist = init_distributed(args.local_rank)
+    if not dist.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    # Model initialisation is identical on every rank; noise and dropout differ per rank through the data seed.
+    seed_everything(cfg.run.seed)
+    task = make_task(cfg, dist)
+    seed_everything(cfg.run.seed + 1000 * dist.rank)
+    return Trainer(cfg, task, dist).fit()
