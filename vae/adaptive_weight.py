@@ -11,15 +11,17 @@ import torch
 ADAPTIVE_WEIGHT_EPS = 1e-4
 
 
-def _grad_norm(loss: torch.Tensor, layer_weight: torch.Tensor, loss_name: str) -> torch.Tensor:
+def _grad_norm(loss: torch.Tensor, layer_weight: torch.Tensor, loss_name: str, aux_name: str) -> torch.Tensor:
     if not loss.requires_grad:
-        raise ValueError(f"adaptive weight: the {loss_name} loss has no autograd graph (computed under no_grad or on "
-                         f"detached tensors), so its gradient w.r.t. the last layer cannot be measured")
+        raise ValueError(f"adaptive weight of the {aux_name} term: the {loss_name} loss has no autograd graph "
+                         f"(computed under no_grad or on detached tensors), so its gradient w.r.t. the last layer "
+                         f"cannot be measured")
     (grad,) = torch.autograd.grad(loss, layer_weight, retain_graph=True, allow_unused=True)
     if grad is None:
-        raise ValueError(f"adaptive weight: the {loss_name} loss does not depend on the given last-layer weight "
-                         f"(shape {tuple(layer_weight.shape)}); pass the weight of the layer that produces its input "
-                         f"(encoder's last conv for LCR, decoder's last conv for the GAN term), and keep it trainable")
+        raise ValueError(f"adaptive weight of the {aux_name} term: the {loss_name} loss does not depend on the "
+                         f"given last-layer weight (shape {tuple(layer_weight.shape)}); pass the weight of the layer "
+                         f"that produces its input (encoder's last conv for LCR, decoder's last conv for the GAN "
+                         f"term), and keep it trainable")
     return torch.linalg.vector_norm(grad)
 
 
@@ -32,8 +34,8 @@ def adaptive_weight(nll: torch.Tensor, aux_loss: torch.Tensor, layer_weight: tor
     hide a wiring mistake (wrong layer, frozen encoder with LCR on) for a whole run.
     """
     if not isinstance(layer_weight, torch.Tensor) or not layer_weight.requires_grad:
-        raise ValueError(f"adaptive weight for the {aux_name} loss: the last-layer weight must be a tensor that "
+        raise ValueError(f"adaptive weight of the {aux_name} term: the last-layer weight must be a tensor that "
                          f"requires grad")
-    nll_norm = _grad_norm(nll, layer_weight, "reconstruction NLL")
-    aux_norm = _grad_norm(aux_loss, layer_weight, aux_name)
+    nll_norm = _grad_norm(nll, layer_weight, "reconstruction NLL", aux_name)
+    aux_norm = _grad_norm(aux_loss, layer_weight, aux_name, aux_name)
     return torch.clamp(nll_norm / (aux_norm + ADAPTIVE_WEIGHT_EPS), 0.0, max_value).detach()

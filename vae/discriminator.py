@@ -33,8 +33,9 @@ class DiscriminatorConfig:
     max_temporal_down: int = 4
 
     def validate(self, prefix: str = "discriminator") -> None:
-        if self.in_channels < 1 or self.ndf < 1:
-            raise ValueError(f"{prefix}.in_channels/ndf: must be >= 1, got {self.in_channels}, {self.ndf}")
+        for key in ("in_channels", "ndf"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{prefix}.{key}: must be >= 1, got {getattr(self, key)}")
         for key in ("max_spatial_down", "max_temporal_down"):
             value = getattr(self, key)
             if value < 2 or value & (value - 1):
