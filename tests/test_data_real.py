@@ -54,7 +54,7 @@ def test_real_image_batch_with_captions(example):
 
 def test_eval_clips_are_the_first_clips_and_deterministic(example):
     a = load_eval_clips(example, 2, num_frames=5, height=64, width=64)
-    b = load_eval_clips(example, 2, num_frames=5, height=64, width=64, decoder="pyav")
+    b = load_eval_clips(example, 2, num_frames=5, height=64, width=64, decoder="decord")
     assert a["video"].shape == (2, 3, 5, 64, 64) and a["skips"] == {}
     first_keys = [r.key for r in itertools.islice(index_shards(example, "video", SkipCounter()), 2)]
     assert [m["key"] for m in a["meta"]] == first_keys

@@ -3,7 +3,7 @@
 Both back-ends return the same thing: uint8 frames (T, H, W, 3) at the file's own resolution for the requested frame
 indices (which must be non-decreasing; repeats are allowed, for target rates above the source rate). Resizing is done
 afterwards by ``transforms`` so the two back-ends feed the model identical pixels (decord and PyAV decode H.264
-bit-identically). decord is the default: ``bench/bench_data.py`` measures it faster here.
+bit-identically). ``DataConfig`` defaults to PyAV, which ``bench/bench_data.py`` measured faster for sparse frames.
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ class PyAVSource(VideoSource):
         self._container.close()
 
 
-def open_video(data: bytes, decoder: str = "decord", threads: int = 1) -> VideoSource:
+def open_video(data: bytes, decoder: str = "pyav", threads: int = 1) -> VideoSource:
     if decoder == "decord":
         return DecordSource(data, threads)
     if decoder == "pyav":
@@ -104,7 +104,7 @@ def open_video(data: bytes, decoder: str = "decord", threads: int = 1) -> VideoS
     raise ValueError(f"decoder must be 'decord' or 'pyav', got {decoder!r}")
 
 
-def decode_all(data: bytes, decoder: str = "decord", threads: int = 1) -> np.ndarray:
+def decode_all(data: bytes, decoder: str = "pyav", threads: int = 1) -> np.ndarray:
     """Every frame of the file (the naive baseline the benchmark compares against)."""
     return open_video(data, decoder, threads).get_all()
 

@@ -18,7 +18,7 @@ logger = logging.getLogger("infra.data")
 
 
 def load_eval_clips(roots: str, n: int, num_frames: int = 17, fps: float = 8.0, height: int = 256, width: int = 256,
-                    decoder: str = "decord") -> dict:
+                    decoder: str = "pyav") -> dict:
     """A batch dict (as the loader's, ``kind`` "video") of the first ``n`` usable clips; fewer if the roots hold fewer.
 
     Clips that are bad or too short are skipped and counted in ``skips``.
