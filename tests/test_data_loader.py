@@ -167,6 +167,15 @@ def test_bad_samples_are_skipped_counted_and_logged(tmp_path, caplog):
     for reason in ("missing_meta", "zero_fps", "too_short", "unreadable", "truncated"):
         assert reason in messages
 
+    # Worker processes report their skips through the batches: the totals do not depend on the worker count.
+    cfg.num_workers = 2
+    loader = build_loader(cfg, seed=0)
+    with_workers = SkipTotals(loader.dataset.index_skips)
+    for batch, again in zip(batches, _take(loader, 8)):
+        assert batch["skips"] == again["skips"] and batch_keys(batch) == batch_keys(again)
+        with_workers.update(again)
+    assert with_workers.as_dict() == counts
+
 
 def test_all_bad_data_fails_loudly(tmp_path):
     _, meta = video_entry(24, 24.0)

@@ -89,23 +89,30 @@ def load_sample(record: SampleRecord, request: ClipRequest, reader: ShardReader,
         source = open_video(data, decoder)
     except Exception as e:  # decord and PyAV raise their own error types for corrupt data
         raise SampleError(UNREADABLE, repr(e)) from e
+    try:
+        frames, start, indices = _cut(source, record.num_frames, source_fps, request)
+    finally:
+        source.close()
+    meta.update(start_frame=start, frame_indices=indices, source_fps=source_fps,
+                source_size=[frames.shape[2], frames.shape[1]])
+    return frames_to_tensor(frames, request.height, request.width, request.uy, request.ux), caption, meta
+
+
+def _cut(source, promised: int, source_fps: float, request: ClipRequest) -> tuple[np.ndarray, int, list[int]]:
+    """The requested frames of an opened clip, with the start and source indices used."""
     # The meta line's duration undercounts real clips by up to a frame; trust the container when it says fewer.
-    available = min(record.num_frames, source.num_frames) if source.num_frames > 0 else record.num_frames
+    available = min(promised, source.num_frames) if source.num_frames > 0 else promised
     span = frame_span(request.frames, source_fps, request.fps)
     if available < span:
-        reason = TRUNCATED if available < record.num_frames else TOO_SHORT
-        raise SampleError(reason, f"{available} frames, {span} needed")
+        raise SampleError(TRUNCATED if available < promised else TOO_SHORT, f"{available} frames, {span} needed")
     start = start_frame(request.u_start, available, span)
     indices = [start + o for o in frame_offsets(request.frames, source_fps, request.fps)]
     try:
-        frames = source.get(indices)
+        return source.get(indices), start, indices
     except TruncatedVideo as e:
         raise SampleError(TRUNCATED, str(e)) from e
     except Exception as e:
         raise SampleError(UNREADABLE, repr(e)) from e
-    meta.update(start_frame=start, frame_indices=indices, source_fps=source_fps,
-                source_size=[frames.shape[2], frames.shape[1]])
-    return frames_to_tensor(frames, request.height, request.width, request.uy, request.ux), caption, meta
 
 
 class ShardBatchDataset(IterableDataset):
@@ -139,6 +146,7 @@ class ShardBatchDataset(IterableDataset):
                 logger.warning("%s bucket %s has no samples and is never drawn", kind, bucket)
         if self.index_skips:
             logger.warning("indexing the shards skipped samples: %s", self.index_skips)
+        self.reader.close()
 
     def _image_aspect(self, record: SampleRecord) -> float | None:
         try:

@@ -29,6 +29,9 @@ class VideoSource:
     def get_all(self) -> np.ndarray:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release the decoder now rather than at garbage collection."""
+
 
 class DecordSource(VideoSource):
     def __init__(self, data: bytes, threads: int = 1):

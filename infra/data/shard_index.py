@@ -155,9 +155,14 @@ class ShardReader:
     def __init__(self, max_open: int = 16):
         self.max_open = max_open
         self._handles: dict[str, object] = {}
+        self._pid = os.getpid()
 
     def read(self, record: SampleRecord, ext: str) -> bytes:
         member = record.files[ext]
+        if self._pid != os.getpid():
+            # A forked DataLoader worker inherits the parent's open files, whose read offset the processes would share;
+            # forget them (without closing the parent's) and open our own.
+            self._handles, self._pid = {}, os.getpid()
         f = self._handles.get(record.shard)
         if f is None:
             if len(self._handles) >= self.max_open:
@@ -176,4 +181,4 @@ class ShardReader:
 
     def __getstate__(self):
         # Open files do not cross process boundaries: each worker opens its own.
-        return {"max_open": self.max_open, "_handles": {}}
+        return {"max_open": self.max_open, "_handles": {}, "_pid": None}
