@@ -1,0 +1,162 @@
+"""Text-to-video training of the CogVideoX-style DiT on the shared engine.
+
+    python -m dit.train --config configs/t2v/tiny.yaml [key=value ...]
+    deepspeed --module dit.train --config configs/t2v/cogvideox_2b_ssvae.yaml
+
+The DiT is the only engine. The first stage (VAE) and the text encoder are frozen: built once, in eval mode, without
+gradients, outside every engine. Each micro-step takes clean latents and caption embeddings (encoded on the fly from
+the shard data, or read from a cache written by ``tools/cache_latents``), drops 10% of captions to zero embeddings
+for classifier-free guidance, and regresses v at a uniform timestep. Noise, timesteps and caption drops come from a
+generator seeded by (run seed, data position, rank), so they do not depend on the process's RNG history: a resumed
+run and a run on cached latents draw exactly what an uninterrupted on-the-fly run draws.
+
+Every ``run.eval_every`` steps and at the end, the fixed ``sampling.prompts`` are sampled (EMA weights if kept) and
+decoded to mp4 under ``<output_dir>/samples/step_XXXXXX/``; at the end the DiT is also exported as a diffusers folder
+``<output_dir>/dit`` for ``tools/sample_t2v``.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from infra.data.dataset import build_loader
+from infra.distributed import DistInfo, barrier
+from infra.ema import maybe_averaged
+from infra.trainer import EngineSpec, StepContext, TrainTask, run_training
+from vae.first_stage import FirstStage, load_first_stage
+
+from .convert import export_diffusers
+from .diffusion import VPrediction, drop_text
+from .latent_dataset import build_latent_loader
+from .text_encoder import build_text_encoder
+from .train_config import T2VTrainConfig
+from .transformer import CogVideoXTransformer
+
+log = logging.getLogger(__name__)
+
+ENGINE = "dit"
+EXPORT_DIR = "dit"  # <output_dir>/dit: the final weights as a diffusers folder
+
+
+def build_first_stage(cfg: T2VTrainConfig, device: torch.device) -> FirstStage:
+    return load_first_stage(cfg.first_stage, device=device).eval().requires_grad_(False)
+
+
+def build_frozen_text_encoder(cfg: T2VTrainConfig, device: torch.device):
+    encoder = build_text_encoder(cfg.text_encoder)
+    if isinstance(encoder, torch.nn.Module):
+        encoder = encoder.to(device).eval().requires_grad_(False)
+    return encoder
+
+
+def build_dit(cfg: T2VTrainConfig, first_stage: FirstStage, text_embed_dim: int) -> CogVideoXTransformer:
+    """The DiT whose channels, patch size and text width follow from the first stage and the text encoder."""
+    config = cfg.model.build(first_stage.latent_channels, first_stage.spatial_compression, text_embed_dim,
+                             cfg.text_encoder.max_length)
+    return CogVideoXTransformer(config)
+
+
+@torch.no_grad()
+def encode_text(text_encoder, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    states, mask = text_encoder.encode(list(captions))
+    return states.to(device).float(), mask.to(device).bool()
+
+
+def step_generator(seed: int, data_position: int, rank: int, device: torch.device) -> torch.Generator:
+    """The generator of one micro-batch's random draws: a function of (seed, data position, rank) only."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + data_position) * 1_009 + rank)
+
+
+class T2VTask(TrainTask):
+    def __init__(self, cfg: T2VTrainConfig, dist_info: DistInfo):
+        self.cfg, self.dist = cfg, dist_info
+        device = dist_info.device
+        self.first_stage = build_first_stage(cfg, device)
+        text_encoder = build_frozen_text_encoder(cfg, device)
+        self.model = build_dit(cfg, self.first_stage, text_encoder.hidden_size)
+        self.diffusion = VPrediction(cfg.diffusion.schedule)
+        # The sampling prompts are encoded once; on cached latents the text encoder is then not needed any more.
+        prompts = cfg.sampling.prompts if cfg.sampling.enabled else []
+        self.prompt_states = encode_text(text_encoder, prompts, device) if prompts else None
+        self.text_encoder = None if cfg.latents.cached else text_encoder
+        if dist_info.is_main:
+            n = sum(p.numel() for p in self.model.parameters())
+            log.info("DiT %.1fM parameters: %s", n / 1e6, self.model.config)
+
+    # ----------------------------------------------------------------------------------------------- engines
+    def engine_specs(self) -> list[EngineSpec]:
+        return [EngineSpec(ENGINE, self.model, self.cfg.optimizer, ema=True)]
+
+    # -------------------------------------------------------------------------------------------------- data
+    def batches(self, start_batch: int):
+        cfg, d = self.cfg, self.dist
+        if cfg.latents.cached:
+            return iter(build_latent_loader(cfg.latents.cache_dir, cfg.data.video_batch_size, d.rank, d.world_size,
+                                            cfg.run.seed, start_batch, cfg.data.num_workers))
+        return iter(build_loader(cfg.data, d.rank, d.world_size, cfg.run.seed, start_batch,
+                                 pin_memory=d.device.type == "cuda"))
+
+    def conditioning(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Clean latents (B, F, C, h, w) (the DiT's layout), text states (B, L, D) and mask (B, L) of a batch."""
+        device = self.dist.device
+        if "latents" in batch:
+            latents = batch["latents"].to(device).float()
+            states, mask = batch["text_states"].to(device).float(), batch["text_mask"].to(device).bool()
+        else:
+            with torch.no_grad():
+                latents = self.first_stage.encode(batch["video"].to(device)).float()
+            states, mask = encode_text(self.text_encoder, batch["caption"], device)
+        return latents.permute(0, 2, 1, 3, 4).contiguous(), states, mask
+
+    # -------------------------------------------------------------------------------------------------- step
+    def train_step(self, batch: dict, step: int, ctx: StepContext) -> dict[str, float]:
+        latents, states, mask = self.conditioning(batch)
+        g = step_generator(self.cfg.run.seed, batch["step"], self.dist.rank, ctx.device)
+        # Caption dropout for CFG: zero embeddings, attended in full, as the sampler's unconditional branch is.
+        keep = drop_text(torch.ones(latents.shape[0], 1, device=ctx.device), self.cfg.diffusion.caption_dropout, g)
+        states = states * keep[:, :, None]
+        mask = mask | (keep == 0)
+        model = ctx.engine(ENGINE)
+        dtype = next(model.module.parameters()).dtype  # bf16 under deepspeed.precision=bf16
+        loss = self.diffusion.training_loss(model, latents.to(dtype), states.to(dtype), mask, generator=g)
+        ctx.backward_and_step(ENGINE, loss)
+        mean = loss.detach().float().clone()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(mean)
+            mean /= dist.get_world_size()
+        return {"loss": mean.item(), "captions_dropped": float((keep == 0).float().mean())}
+
+    # ------------------------------------------------------------------------------------------- evaluation
+    def evaluate(self, step: int, ctx: StepContext) -> dict[str, float]:
+        """Sample the fixed prompts to mp4 (each rank a share of them); at the end, export the DiT."""
+        from tools.sample_t2v import sample_prompts
+
+        module = ctx.engine(ENGINE).module
+        ema = ctx.emas.get(ENGINE) if self.cfg.sampling.use_ema else None
+        written = 0
+        with maybe_averaged(ema, module):
+            was_training = module.training
+            module.eval()
+            if self.prompt_states is not None:
+                out = Path(ctx.output_dir) / "samples" / f"step_{step:06d}"
+                states, mask = self.prompt_states
+                mine = list(range(self.dist.rank, states.shape[0], self.dist.world_size))
+                if mine:
+                    written = len(sample_prompts(module, self.first_stage, states[mine], mask[mine], self.cfg, out,
+                                                 indices=mine))
+            if step >= self.cfg.run.max_steps and self.dist.is_main:
+                export_diffusers(module, Path(ctx.output_dir) / EXPORT_DIR)
+            module.train(was_training)
+        barrier()
+        return {"samples_written": float(written)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    return run_training(T2VTrainConfig, T2VTask, argv, description=__doc__.split("\n")[0])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The run schema of text-to-video training (``python -m dit.train --config configs/t2v/<file>.yaml``).
+
+One YAML maps onto ``T2VTrainConfig``; every section is a typed dataclass, so a misspelt key fails at start-up.
+What follows from another component is not typed twice: the DiT's ``in_channels`` comes from the first stage's
+latent channels, its patch size from the first stage's spatial compression (16 pixels per token, as CogVideoX: patch
+2 for an 8x VAE, 1 for a 16x VAE like SSVAE) unless ``model.patch_size`` is given, and its text width and length from
+the text encoder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from infra.config import DeepSpeedConfig, OptimizerConfig, RunConfig, check
+from infra.data.config import DataConfig
+from vae.first_stage import FirstStageConfig
+
+from .config import PRESETS, DiTConfig
+from .diffusion import DiffusionConfig
+from .samplers import SAMPLERS
+from .text_encoder import TextEncoderConfig
+
+# DiTConfig keys that come from the first stage or the text encoder; setting them by hand would type them twice.
+DERIVED_KEYS = ("in_channels", "out_channels", "text_embed_dim", "max_text_seq_length")
+
+
+@dataclass
+class ModelConfig:
+    """The ``model:`` section: a DiT preset (``dit.config.PRESETS``) plus overrides of its other fields."""
+
+    preset: str = "cogvideox-2b"
+    patch_size: int = 0  # 0: from the first stage (16 // spatial_compression)
+    gradient_checkpointing: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)  # any other DiTConfig field, e.g. num_layers: 4
+
+    def validate(self, prefix: str = "model") -> None:
+        check(self.preset in PRESETS, f"{prefix}.preset", f"must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        check(self.patch_size >= 0, f"{prefix}.patch_size", "must be >= 0 (0: from the first stage)")
+        derived = sorted(set(self.overrides) & set(DERIVED_KEYS))
+        check(not derived, f"{prefix}.overrides", f"{derived} follow from first_stage / text_encoder; do not set them")
+        try:
+            DiTConfig.preset(self.preset, **dict(self.overrides))
+        except ValueError as err:
+            raise ValueError(f"{prefix}.overrides: {err}") from None
+
+    def build(self, latent_channels: int, spatial_compression: int, text_embed_dim: int,
+              max_text_length: int) -> DiTConfig:
+        """The DiTConfig for a first stage and a text encoder."""
+        base = DiTConfig.preset(self.preset, **dict(self.overrides)).replace(
+            text_embed_dim=text_embed_dim, max_text_seq_length=max_text_length,
+            gradient_checkpointing=self.gradient_checkpointing)
+        config = base.for_vae(latent_channels, spatial_compression)
+        if self.patch_size and self.patch_size != config.patch_size:
+            config = config.replace(patch_size=self.patch_size)
+        return config
+
+
+@dataclass
+class ConditioningConfig:
+    """The ``diffusion:`` section: the noise schedule and classifier-free-guidance training."""
+
+    schedule: DiffusionConfig = field(default_factory=DiffusionConfig)  # snr_shift_scale 3 (2B) or 1 (5B)
+    caption_dropout: float = 0.1  # captions replaced by zero embeddings (CogVideoX), what CFG samples against
+
+    def validate(self, prefix: str = "diffusion") -> None:
+        check(0.0 <= self.caption_dropout <= 1.0, f"{prefix}.caption_dropout", "must be in [0, 1]")
+
+
+@dataclass
+class LatentsConfig:
+    """The ``latents:`` section: encode each batch on the fly, or read latents cached by ``tools/cache_latents``."""
+
+    cache_dir: str = ""  # empty: encode on the fly with the first stage and the text encoder
+
+    @property
+    def cached(self) -> bool:
+        return bool(self.cache_dir)
+
+
+@dataclass
+class SamplingConfig:
+    """The ``sampling:`` section: fixed prompts sampled to mp4 every ``run.eval_every`` steps and at the end, into
+    ``<output_dir>/samples/step_XXXXXX/``; also the defaults of ``tools/sample_t2v``."""
+
+    enabled: bool = True
+    prompts: list[str] = field(default_factory=lambda: ["a red circle moving to the right on a blue background"])
+    num_frames: int = 0  # pixel frames; 0: data.num_frames
+    height: int = 0  # 0: data.height
+    width: int = 0  # 0: data.width
+    steps: int = 50
+    guidance: float = 6.0
+    dynamic_cfg: bool = False
+    sampler: str = "ddim"  # ddim | dpm++
+    seed: int = 42
+    fps: float = 0.0  # 0: data.fps
+    use_ema: bool = True  # sample with the EMA weights when run.ema_decay > 0
+
+    def validate(self, prefix: str = "sampling") -> None:
+        check(not self.enabled or len(self.prompts) > 0, f"{prefix}.prompts", "must hold at least one prompt")
+        check(self.num_frames == 0 or (self.num_frames - 1) % 4 == 0, f"{prefix}.num_frames",
+              f"must be 0 or 1 + 4k, got {self.num_frames}")
+        check(self.height >= 0 and self.width >= 0, f"{prefix}.height/width", "must be >= 0")
+        check(self.steps >= 1, f"{prefix}.steps", "must be >= 1")
+        check(self.guidance >= 1.0, f"{prefix}.guidance", f"must be >= 1 (1: no guidance), got {self.guidance}")
+        check(self.sampler in SAMPLERS, f"{prefix}.sampler", f"must be one of {SAMPLERS}, got {self.sampler!r}")
+        check(self.fps >= 0, f"{prefix}.fps", "must be >= 0")
+
+
+def _cogvideox_optimizer() -> OptimizerConfig:
+    # CogVideoX's SAT recipe: AdamW, betas (0.9, 0.95), weight decay 1e-4, short warm-up.
+    return OptimizerConfig(type="adamw", lr=1e-4, betas=[0.9, 0.95], eps=1e-8, weight_decay=1e-4, warmup_steps=100)
+
+
+def _cogvideox_deepspeed() -> DeepSpeedConfig:
+    # ZeRO-2 with gradient clipping 0.1, as CogVideoX trains.
+    return DeepSpeedConfig(zero_stage=2, gradient_clipping=0.1)
+
+
+@dataclass
+class T2VTrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=_cogvideox_deepspeed)
+    data: DataConfig = field(default_factory=DataConfig)
+    first_stage: FirstStageConfig = field(default_factory=FirstStageConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: ConditioningConfig = field(default_factory=ConditioningConfig)
+    optimizer: OptimizerConfig = field(default_factory=_cogvideox_optimizer)
+    latents: LatentsConfig = field(default_factory=LatentsConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def validate(self) -> None:
+        if self.latents.cached:
+            check(self.data.image_prob == 0.0, "data.image_prob",
+                  "must be 0 with latents.cache_dir (the cache holds video clips only)")
+
+    # Sampling sizes default to the training clip.
+    def sample_shape(self) -> tuple[int, int, int]:
+        s, d = self.sampling, self.data
+        return s.num_frames or d.num_frames, s.height or d.height, s.width or d.width
+
+    def sample_fps(self) -> float:
+        return self.sampling.fps or self.data.fps

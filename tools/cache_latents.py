@@ -1,0 +1,160 @@
+"""Encode a shard data set once with the frozen first stage and text encoder, into a latent cache for DiT training.
+
+    python -m tools.cache_latents --config configs/t2v/tiny.yaml --out data/latents/tiny [key=value ...]
+    python -m dit.train --config configs/t2v/tiny.yaml latents.cache_dir=data/latents/tiny
+
+The run config names everything: the videos (``data.video_roots``), the clip cut from each (``data.num_frames`` at
+``data.fps``, ``data.height`` x ``data.width``, from the first frame, centre crop), the first stage (its ``encode``
+normalises latents by the VAE's statistics) and the text encoder. Layout: see ``dit.latent_dataset``. Each source
+shard becomes one part, written atomically; parts already written are skipped, so an interrupted run resumes where it
+stopped. A folder holding a cache made with other settings is refused rather than mixed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from infra.config import load_config
+from infra.data.dataset import ClipRequest, SampleError, load_sample
+from infra.data.shard_index import ShardReader, find_shards, index_shards
+from infra.data.skips import SkipCounter
+
+log = logging.getLogger("tools.cache_latents")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _manifest(cfg, dtype: str) -> dict:
+    d = cfg.data
+    return {"version": 1, "video_roots": d.video_roots, "decoder": d.decoder,
+            "clip": {"frames": d.num_frames, "height": d.height, "width": d.width, "fps": d.fps},
+            "first_stage": dataclasses.asdict(cfg.first_stage), "text_encoder": dataclasses.asdict(cfg.text_encoder),
+            "dtype": dtype}
+
+
+def _check_manifest(out: Path, manifest: dict) -> None:
+    from dit.latent_dataset import MANIFEST
+
+    path = out / MANIFEST
+    if path.is_file():
+        existing = json.loads(path.read_text())
+        if existing != manifest:
+            raise ValueError(f"{out} holds a latent cache made with other settings ({existing}); choose another --out")
+    else:
+        path.write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def _text_length(mask: torch.Tensor) -> int:
+    """Tokens up to the last attended one (right padding is dropped; the reader pads again, masked)."""
+    attended = mask.nonzero()
+    return int(attended[-1]) + 1 if len(attended) else 1
+
+
+def _write_part(out: Path, index: int, tensors: dict[str, torch.Tensor], lines: list[dict]) -> None:
+    from dit.latent_dataset import part_name
+
+    stem = out / part_name(index)
+    tmp = stem.with_suffix(".safetensors.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, stem.with_suffix(".safetensors"))
+    tmp = stem.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    os.replace(tmp, stem.with_suffix(".jsonl"))  # last: its presence marks the part as done
+
+
+def _part_done(out: Path, index: int) -> bool:
+    from dit.latent_dataset import part_name
+
+    stem = out / part_name(index)
+    return stem.with_suffix(".jsonl").is_file() and stem.with_suffix(".safetensors").is_file()
+
+
+def cache_latents(cfg, out: str | Path, batch_size: int = 4, dtype: str = "float32",
+                  device: torch.device | str | None = None, show_progress: bool = True) -> Path:
+    """Write (or finish writing) the latent cache of ``cfg``'s video data into ``out``; returns ``out``."""
+    from dit.latent_dataset import COMPLETE, tensor_name
+    from dit.train import build_first_stage, build_frozen_text_encoder, encode_text
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_manifest(out, _manifest(cfg, dtype))
+    if (out / COMPLETE).is_file():
+        return out
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    d = cfg.data
+    shards = [str(p) for p in find_shards(d.video_roots)]
+    skips, reader = SkipCounter(), ShardReader()
+    records = index_shards(d.video_roots, "video", skips)
+    todo = [i for i in range(len(shards)) if not _part_done(out, i)]
+    first_stage = text_encoder = None
+    request = ClipRequest(d.num_frames, d.height, d.width, d.fps)  # first frame, centre crop
+    bar = tqdm(total=len(records), desc="cache latents", unit="clip", disable=not show_progress)
+    bar.update(sum(1 for r in records if shards.index(r.shard) not in todo))
+    for index in todo:
+        if first_stage is None:  # built only when there is work left
+            first_stage, text_encoder = build_first_stage(cfg, device), build_frozen_text_encoder(cfg, device)
+        mine = [r for r in records if r.shard == shards[index]]
+        tensors, lines = {}, []
+        for start in range(0, len(mine), batch_size):
+            videos, captions, metas = [], [], []
+            for record in mine[start:start + batch_size]:
+                try:
+                    video, caption, meta = load_sample(record, request, reader, d.decoder)
+                except SampleError as e:
+                    skips.skip(e.reason, f"{record.shard}:{record.key}", str(e))
+                    continue
+                videos.append(video)
+                captions.append(caption)
+                metas.append(meta)
+            bar.update(len(mine[start:start + batch_size]))
+            if not videos:
+                continue
+            latents = first_stage.encode(torch.stack(videos).to(device)).float().cpu()
+            states, mask = encode_text(text_encoder, captions, device)
+            for i in range(len(videos)):
+                j, n = len(lines), _text_length(mask[i])
+                tensors[tensor_name(j, "latents")] = latents[i].to(DTYPES[dtype])
+                tensors[tensor_name(j, "text_states")] = states[i, :n].cpu().to(DTYPES[dtype])
+                tensors[tensor_name(j, "text_mask")] = mask[i, :n].cpu()
+                lines.append({"key": metas[i]["key"], "caption": captions[i], "meta": metas[i]})
+        _write_part(out, index, tensors, lines)
+    bar.close()
+    reader.close()
+    counts = skips.take()
+    if counts:
+        log.warning("samples skipped while caching (they are not in the cache): %s", counts)
+    (out / COMPLETE).write_text(json.dumps({"skips": counts}) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from dit.train_config import T2VTrainConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="the t2v run YAML (data, first_stage, text_encoder)")
+    parser.add_argument("--out", required=True, help="cache folder")
+    parser.add_argument("--batch-size", type=int, default=4, help="clips encoded together")
+    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="stored tensor dtype")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the YAML")
+    args = parser.parse_args(argv)
+    cfg = load_config(T2VTrainConfig, args.config, args.overrides)
+    out = cache_latents(cfg, args.out, args.batch_size, args.dtype)
+    print(out)
+    return out
+
+
+if __name__ == "__main__":
+    main()

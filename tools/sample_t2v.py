@@ -1,0 +1,81 @@
+"""Text-to-video sampling: prompts -> mp4 files through the frozen first stage's decoder.
+
+    python -m tools.sample_t2v --run runs/t2v_tiny --out samples/ --prompt "a red square" [key=value ...]
+    python -m tools.sample_t2v --config configs/t2v/cogvideox_2b_ssvae.yaml --dit runs/x/dit --out samples/
+
+``--run`` takes a training's output folder: its ``config.yaml`` and its exported ``dit`` folder (a diffusers
+``CogVideoXTransformer3DModel`` folder). Sizes, steps, guidance, sampler and seed come from the config's
+``sampling:`` section (override with ``sampling.steps=20`` etc.). Prompt ``i`` is sampled from noise seeded by
+``sampling.seed + i``, so a prompt gives the same video alone, in a list, or on any rank; the training's periodic
+sampling calls ``sample_prompts`` and therefore matches this tool.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from infra.config import load_config
+from infra.video_io import write_video
+
+
+@torch.no_grad()
+def sample_prompts(model, first_stage, text_states: torch.Tensor, text_mask: torch.Tensor, cfg,
+                   out_dir: str | Path, indices: Sequence[int] | None = None) -> list[Path]:
+    """Sample one video per row of ``text_states`` (B, L, D) and write ``<out_dir>/prompt_<i>.mp4``.
+
+    ``cfg`` is a ``T2VTrainConfig`` (its ``sampling``, ``diffusion`` and ``data`` sections); ``indices`` are the rows'
+    positions in the prompt list (their seeds and file names), 0..B-1 when not given.
+    """
+    from dit.samplers import sample
+
+    s = cfg.sampling
+    indices = list(range(text_states.shape[0])) if indices is None else list(indices)
+    if len(indices) != text_states.shape[0]:
+        raise ValueError(f"{len(indices)} indices for {text_states.shape[0]} prompts")
+    frames, height, width = cfg.sample_shape()
+    channels, latent_frames, h, w = first_stage.latent_shape(frames, height, width)
+    device = text_states.device
+    dtype = next(model.parameters()).dtype
+    paths = []
+    for row, index in enumerate(indices):
+        generator = torch.Generator(device=device).manual_seed(s.seed + index)
+        latents = sample(model, text_states[row:row + 1].to(dtype), shape=(1, latent_frames, channels, h, w),
+                         steps=s.steps, guidance=s.guidance, dynamic_cfg=s.dynamic_cfg, sampler=s.sampler,
+                         generator=generator, diffusion=cfg.diffusion.schedule, text_mask=text_mask[row:row + 1])
+        video = first_stage.decode(latents.permute(0, 2, 1, 3, 4))  # DiT (B, F, C, h, w) -> VAE (B, C, F, h, w)
+        paths.append(write_video(Path(out_dir) / f"prompt_{index:02d}.mp4", video[0], cfg.sample_fps()))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    from dit.convert import from_diffusers
+    from dit.train import EXPORT_DIR, build_first_stage, build_frozen_text_encoder, encode_text
+    from dit.train_config import T2VTrainConfig
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", help="a training's output folder (its config.yaml and dit/)")
+    parser.add_argument("--config", help="run YAML (default: <run>/config.yaml)")
+    parser.add_argument("--dit", help="diffusers transformer folder (default: <run>/dit)")
+    parser.add_argument("--out", required=True, help="folder for the mp4 files")
+    parser.add_argument("--prompt", action="append", help="a prompt (repeatable); default: sampling.prompts")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sampling.steps=20")
+    args = parser.parse_args(argv)
+    if not args.run and not (args.config and args.dit):
+        parser.error("give --run, or both --config and --dit")
+    cfg = load_config(T2VTrainConfig, args.config or Path(args.run) / "config.yaml", args.overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+    model = from_diffusers(args.dit or Path(args.run) / EXPORT_DIR).to(device, dtype).eval()
+    first_stage = build_first_stage(cfg, device)
+    states, mask = encode_text(build_frozen_text_encoder(cfg, device), args.prompt or cfg.sampling.prompts, device)
+    paths = sample_prompts(model, first_stage, states, mask, cfg, args.out)
+    for path in paths:
+        print(path)
+    return paths
+
+
+if __name__ == "__main__":
+    main()
