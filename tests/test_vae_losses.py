@@ -41,7 +41,7 @@ class TinyAutoencoder(nn.Module):
 
 def make_loss(**overrides) -> SSVAELoss:
     torch.manual_seed(1)
-    config = SSVAELossConfig(discriminator=TINY_DISC, **overrides)
+    config = SSVAELossConfig(**{"discriminator": TINY_DISC, **overrides})
     return SSVAELoss(config, perceptual=TinyPerceptual() if config.perceptual_weight > 0 else None)
 
 
@@ -220,3 +220,25 @@ def test_tiny_autoencoder_training_lowers_the_loss():
 def test_config_validation_names_key(kwargs, key):
     with pytest.raises(ValueError, match=key):
         SSVAELossConfig(**kwargs).validate()
+
+
+def test_works_with_the_ssvae_model():
+    """Wiring with the real model: its posterior, mask token and last-layer properties (tiny config, 32x32)."""
+    from vae.config import DecoderConfig, EncoderConfig, SSVAEConfig
+    from vae.model import SSVAE
+
+    common = dict(ch=4, ch_mult=(2, 4, 8, 16, 16), num_res_blocks=1, num_mid_blocks=1, z_channels=8)
+    torch.manual_seed(0)
+    model = SSVAE(SSVAEConfig(encoder=EncoderConfig(**common), decoder=DecoderConfig(**common)))
+    lmr = LMRConfig(mask_probs={32: [0.0, 0.0, 0.0, 1.0]}, block_sizes={32: [1, 1, 1]})
+    loss_fn = make_loss(perceptual_weight=0.0, disc_start=0, lmr=lmr,
+                        discriminator=DiscriminatorConfig(ndf=2, max_spatial_down=4, max_temporal_down=4))
+    x = video(frames=5, size=32)
+    posterior = model.posterior(x)
+    z, ratio = loss_fn.apply_lmr(posterior.sample(), model.mask_token, torch.Generator().manual_seed(0))
+    loss, logs = loss_fn.generator_loss(x, model.decoder(z), posterior, 1, model.encoder_last_layer,
+                                        model.decoder_last_layer, lmr_ratio=ratio)
+    loss.backward()
+    assert ratio == 0.75 and model.mask_token.grad.abs().sum() > 0
+    assert logs["scalars/lcr_adaptive_weight"] > 0 and logs["scalars/gan_adaptive_weight"] > 0
+    assert torch.isfinite(loss)
