@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 logger = logging.getLogger("infra.data")
 
@@ -68,9 +68,3 @@ class SkipTotals:
     def as_dict(self, prefix: str = "") -> dict[str, int]:
         return {f"{prefix}{k}": v for k, v in sorted(self.totals.items())}
 
-
-def merge_counts(parts: Iterable[Mapping[str, int]]) -> dict[str, int]:
-    total: Counter[str] = Counter()
-    for part in parts:
-        total.update(part)
-    return dict(total)
