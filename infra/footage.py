@@ -11,8 +11,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from infra.assets import AssetError, asset_path
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 CLIP_NAMES = ("bikes", "carphone_pristine", "carphone_distorted", "bigbuckbunny", "city")
 
@@ -33,3 +38,21 @@ def real_clip_paths() -> dict[str, Path]:
         except AssetError:
             continue
     return out
+
+
+def read_frames(path: str | Path, indices: list[int] | range | None = None) -> "np.ndarray":
+    """Decode frames ``indices`` (all when None) of a video file: uint8 (T, H, W, 3), RGB."""
+    import decord
+
+    reader = decord.VideoReader(str(path), num_threads=1)
+    indices = list(range(len(reader))) if indices is None else list(indices)
+    if indices and max(indices) >= len(reader):
+        raise ValueError(f"{path} has {len(reader)} frames, frame {max(indices)} requested")
+    return reader.get_batch(indices).asnumpy()
+
+
+def frames_to_tensor(frames: "np.ndarray") -> "torch.Tensor":
+    """uint8 (T, H, W, 3) -> float32 (3, T, H, W) in [-1, 1], the layout and range every model here takes."""
+    import torch
+
+    return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
