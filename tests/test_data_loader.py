@@ -184,3 +184,18 @@ def test_all_bad_data_fails_loudly(tmp_path):
     cfg = DataConfig(video_roots=str(tmp_path), image_prob=0.0, **SMALL)
     with pytest.raises(RuntimeError, match="could not be used"):
         _take(build_loader(cfg), 1)
+
+
+def test_images_need_no_meta_file_and_are_bucketed_by_their_header(tmp_path):
+    write_image_shards(tmp_path, num_samples=6, sizes=((48, 64), (64, 32)))
+    for meta_file in tmp_path.glob("*.meta.jsonl"):
+        meta_file.unlink()
+    buckets = [BucketConfig(1, 24, 32, 3), BucketConfig(1, 32, 16, 3)]
+    cfg = DataConfig(image_roots=str(tmp_path), image_prob=1.0, buckets=buckets, **SMALL)
+    ds = ShardBatchDataset(cfg)
+    assert ds.index_skips == {}
+    wide = {f"i{i:04d}" for i in range(0, 6, 2)}  # 64 wide x 48 high
+    assert {ds.records[i].key for i in ds.pools[0]} == wide
+    for batch in _take(build_loader(cfg), 2):
+        assert set(batch_keys(batch)) == (wide if batch["video"].shape[-1] == 32 else {f"i{i:04d}" for i in (1, 3, 5)})
+        assert batch["meta"][0]["source_size"] in ([64, 48], [32, 64])

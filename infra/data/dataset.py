@@ -127,9 +127,12 @@ class ShardBatchDataset(IterableDataset):
         self.cfg, self.rank, self.world_size, self.seed, self.start_batch = cfg, rank, world_size, seed, start_batch
         self.reader = ShardReader()
         index_skips = SkipCounter()
-        video = index_shards(cfg.video_roots, "video", index_skips) if cfg.image_prob < 1 else []
-        image = index_shards(cfg.image_roots, "image", index_skips) if cfg.image_prob > 0 else []
-        video_buckets, image_buckets = cfg.video_buckets(), cfg.image_buckets()
+        # A kind that can never be drawn (image_prob 0 or 1) is neither indexed nor given buckets.
+        uses_video, uses_image = cfg.image_prob < 1, cfg.image_prob > 0
+        video = index_shards(cfg.video_roots, "video", index_skips) if uses_video else []
+        image = index_shards(cfg.image_roots, "image", index_skips) if uses_image else []
+        video_buckets = cfg.video_buckets() if uses_video else []
+        image_buckets = cfg.image_buckets() if uses_image else []
         video_pools = assign_buckets(video, video_buckets, cfg.fps, index_skips)
         image_pools = assign_buckets(image, image_buckets, cfg.fps, index_skips, self._image_aspect)
         self.records = video + image
