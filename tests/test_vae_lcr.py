@@ -147,3 +147,10 @@ def test_config_validation_names_key(key, value):
     config = LCRConfig(**{key: value})
     with pytest.raises(ValueError, match=f"lcr.{key}"):
         config.validate()
+
+
+def test_half_precision_latent_is_measured_in_float32():
+    z = torch.randn(2, 8, 5, 4, 4).bfloat16()
+    corr = local_correlation(z)
+    assert corr["avg_corr"].dtype == torch.float32
+    torch.testing.assert_close(corr["avg_corr"], local_correlation(z.float())["avg_corr"])

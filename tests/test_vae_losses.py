@@ -242,3 +242,16 @@ def test_works_with_the_ssvae_model():
     assert ratio == 0.75 and model.mask_token.grad.abs().sum() > 0
     assert logs["scalars/lcr_adaptive_weight"] > 0 and logs["scalars/gan_adaptive_weight"] > 0
     assert torch.isfinite(loss)
+
+
+def test_bfloat16_model_gives_float32_loss():
+    loss_fn = make_loss(disc_start=0, perceptual_weight=0.0)  # fp32 discriminator judging bf16 reconstructions
+    model = TinyAutoencoder().bfloat16()
+    x = video().bfloat16()
+    recon, posterior = model(x)
+    loss, logs = loss_fn.generator_loss(x, recon, posterior, 0, model.encoder.weight, model.decoder.weight)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    expected_nll = (x.float() - recon.float()).abs().sum() / 2
+    assert logs["loss/nll"] == pytest.approx(expected_nll.item(), rel=1e-5)
+    loss.backward()
+    assert model.decoder.weight.grad.dtype == torch.bfloat16

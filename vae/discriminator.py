@@ -174,6 +174,7 @@ class ImageVideoDiscriminator(nn.Module):
         if min(x.shape[-2:]) < min_size:
             raise ValueError(f"discriminator: frames must be at least {min_size}x{min_size} for max_spatial_down "
                              f"{self.config.max_spatial_down}, got {tuple(x.shape[-2:])}")
+        x = x.to(self.patchgan_2d.out_layer[-1].weight.dtype)  # e.g. bf16 reconstructions, fp32 discriminator
         return self.patchgan_2d(x), self.patchgan_3d(x)
 
 

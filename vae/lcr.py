@@ -98,6 +98,8 @@ def local_correlation(z: torch.Tensor, window: tuple[int, int, int] | list[int] 
         raise ValueError(f"local_correlation: latent {h}x{w} is smaller than one {hw}x{ww} spatial window")
     if c < 2:
         raise ValueError("local_correlation: needs at least 2 channels (each vector is centred over its channels)")
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()  # cosine similarities and channel statistics are too coarse in half precision
     if normalize:
         z = normalize_channels(z)
     # Leave out trailing rows/columns that do not fill a whole window (see the module docstring).

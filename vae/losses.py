@@ -137,7 +137,9 @@ class SSVAELoss(nn.Module):
     def perceptual_distance(self, inputs: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
         """Per-frame perceptual distance (B, 1, T, 1, 1)."""
         b, c, t, h, w = inputs.shape
-        frames = [x.transpose(1, 2).reshape(b * t, c, h, w) for x in (inputs, reconstructions)]
+        weight = next(self.perceptual.parameters(), None)
+        dtype = inputs.dtype if weight is None else weight.dtype  # e.g. bf16 video, fp32 LPIPS
+        frames = [x.transpose(1, 2).reshape(b * t, c, h, w).to(dtype) for x in (inputs, reconstructions)]
         distance = self.perceptual(*frames)
         if distance.numel() != b * t:
             raise ValueError(f"perceptual network must return one distance per frame ({b * t}), got shape "
@@ -146,18 +148,20 @@ class SSVAELoss(nn.Module):
 
     def reconstruction_terms(self, inputs: torch.Tensor,
                              reconstructions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(per-element rec (B, C, T, H, W), L1 map, perceptual (B, 1, T, 1, 1) or a 0-dim zero)."""
-        l1 = (inputs - reconstructions).abs()
+        """(per-element rec (B, C, T, H, W), L1 map, perceptual (B, 1, T, 1, 1) or a 0-dim zero), in float32:
+        the NLL sums millions of elements, which half precision cannot do accurately."""
+        l1 = (inputs.float() - reconstructions.float()).abs()
         rec = self.config.l1_weight * l1
-        perceptual = torch.zeros((), device=inputs.device, dtype=inputs.dtype)
+        perceptual = torch.zeros((), device=inputs.device)
         if self.config.perceptual_weight > 0:
-            perceptual = self.perceptual_distance(inputs, reconstructions)
+            perceptual = self.perceptual_distance(inputs, reconstructions).float()
             rec = rec + self.config.perceptual_weight * perceptual
         return rec, l1, perceptual
 
     def nll(self, rec: torch.Tensor) -> torch.Tensor:
         """sum(rec / exp(s) + s) over all elements, averaged over the batch."""
-        return (rec / torch.exp(self.logvar) + self.logvar).sum() / rec.shape[0]
+        logvar = self.logvar.float()
+        return (rec / torch.exp(logvar) + logvar).sum() / rec.shape[0]
 
     def generator_loss(self, inputs: torch.Tensor, reconstructions: torch.Tensor, posterior: Any, step: int,
                        encoder_last_layer: torch.Tensor | None = None,
@@ -177,7 +181,7 @@ class SSVAELoss(nn.Module):
         rec, l1, perceptual = self.reconstruction_terms(inputs, reconstructions)
         nll = self.nll(rec)
 
-        kl = posterior.kl()
+        kl = posterior.kl().float()
         kl = kl.mean() if kl.dim() > 0 else kl
         latent_mean = posterior.mean if latent_mean_for_lcr is None else latent_mean_for_lcr
         loss = nll + self.config.kl_weight * kl
@@ -186,7 +190,7 @@ class SSVAELoss(nn.Module):
         gan_factor = torch.zeros((), device=inputs.device)
         if self.gan_active(step):
             with _no_param_grads(self.discriminator):
-                gan = hinge_generator_loss(self.discriminator(reconstructions))
+                gan = hinge_generator_loss(self.discriminator(reconstructions)).float()
             gan_factor = (adaptive_weight(nll, gan, decoder_last_layer, self.config.disc_max_adaptive_weight,
                                           aux_name="GAN generator") if adaptive else torch.ones((), device=gan.device))
             loss = loss + self.config.disc_weight * gan_factor * gan
