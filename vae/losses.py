@@ -163,6 +163,35 @@ class SSVAELoss(nn.Module):
         logvar = self.logvar.float()
         return (rec / torch.exp(logvar) + logvar).sum() / rec.shape[0]
 
+    def _gan_term(self, reconstructions: torch.Tensor, nll: torch.Tensor, step: int,
+                  decoder_last_layer: torch.Tensor | None, adaptive: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(generator hinge loss, adaptive factor); both zero before disc_start."""
+        zero = torch.zeros((), device=reconstructions.device)
+        if not self.gan_active(step):
+            return zero, zero
+        with _no_param_grads(self.discriminator):
+            gan = hinge_generator_loss(self.discriminator(reconstructions)).float()
+        if not adaptive:
+            return gan, torch.ones_like(zero)
+        factor = adaptive_weight(nll, gan, decoder_last_layer, self.config.disc_max_adaptive_weight,
+                                 aux_name="GAN generator")
+        return gan, factor
+
+    def _lcr_term(self, latent_mean: torch.Tensor, nll: torch.Tensor, encoder_last_layer: torch.Tensor | None,
+                  adaptive: bool) -> tuple[dict[str, torch.Tensor | None], torch.Tensor, torch.Tensor]:
+        """(local correlations, weighted LCR term, adaptive factor). The correlations are measured (without a
+        graph) even when LCR is off, to monitor the latent's spectrum."""
+        config = self.config.lcr
+        with torch.set_grad_enabled(torch.is_grad_enabled() and config.enabled):
+            corr = local_correlation(latent_mean, config.window)
+        zero = torch.zeros((), device=latent_mean.device)
+        if not config.enabled:
+            return corr, zero, zero
+        if adaptive:
+            term, factor = lcr_loss(corr["avg_corr"], nll, encoder_last_layer, config)
+            return corr, term, factor
+        return corr, LCR_WEIGHT_SCALE * config.weight * lcr_penalty(corr["avg_corr"], config.thresh), torch.ones_like(zero)
+
     def generator_loss(self, inputs: torch.Tensor, reconstructions: torch.Tensor, posterior: Any, step: int,
                        encoder_last_layer: torch.Tensor | None = None,
                        decoder_last_layer: torch.Tensor | None = None,
@@ -186,27 +215,10 @@ class SSVAELoss(nn.Module):
         latent_mean = posterior.mean if latent_mean_for_lcr is None else latent_mean_for_lcr
         loss = nll + self.config.kl_weight * kl
 
-        gan = torch.zeros((), device=inputs.device)
-        gan_factor = torch.zeros((), device=inputs.device)
-        if self.gan_active(step):
-            with _no_param_grads(self.discriminator):
-                gan = hinge_generator_loss(self.discriminator(reconstructions)).float()
-            gan_factor = (adaptive_weight(nll, gan, decoder_last_layer, self.config.disc_max_adaptive_weight,
-                                          aux_name="GAN generator") if adaptive else torch.ones((), device=gan.device))
-            loss = loss + self.config.disc_weight * gan_factor * gan
-
-        lcr_config = self.config.lcr
-        with torch.set_grad_enabled(torch.is_grad_enabled() and lcr_config.enabled):
-            corr = local_correlation(latent_mean, lcr_config.window)
-        lcr_term = torch.zeros((), device=inputs.device)
-        lcr_factor = torch.zeros((), device=inputs.device)
-        if lcr_config.enabled:
-            if adaptive:
-                lcr_term, lcr_factor = lcr_loss(corr["avg_corr"], nll, encoder_last_layer, lcr_config)
-            else:
-                lcr_factor = torch.ones((), device=inputs.device)
-                lcr_term = LCR_WEIGHT_SCALE * lcr_config.weight * lcr_penalty(corr["avg_corr"], lcr_config.thresh)
-            loss = loss + lcr_term
+        gan, gan_factor = self._gan_term(reconstructions, nll, step, decoder_last_layer, adaptive)
+        loss = loss + self.config.disc_weight * gan_factor * gan
+        corr, lcr_term, lcr_factor = self._lcr_term(latent_mean, nll, encoder_last_layer, adaptive)
+        loss = loss + lcr_term
 
         logs = {
             "loss/total": loss, "loss/nll": nll, "loss/rec": rec.mean(), "loss/l1": l1.mean(),
