@@ -30,7 +30,7 @@ from vae.first_stage import FirstStage, load_first_stage
 
 from .convert import export_diffusers
 from .diffusion import VPrediction, drop_text
-from .latent_dataset import build_latent_loader
+from .latent_dataset import build_latent_loader, read_manifest
 from .text_encoder import build_text_encoder
 from .train_config import T2VTrainConfig
 from .transformer import CogVideoXTransformer
@@ -70,10 +70,21 @@ def step_generator(seed: int, data_position: int, rank: int, device: torch.devic
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + data_position) * 1_009 + rank)
 
 
+def check_cache_matches(cfg: T2VTrainConfig) -> None:
+    """Refuse a latent cache made by another first stage: the samples would be decoded by the wrong VAE."""
+    made_with = read_manifest(cfg.latents.cache_dir)["first_stage"]
+    ours = cfg.first_stage
+    if made_with["kind"] != ours.kind or Path(made_with["path"]).resolve() != Path(ours.path).resolve():
+        raise ValueError(f"latents.cache_dir: {cfg.latents.cache_dir} was made with first stage {made_with['kind']} "
+                         f"at {made_with['path']}, the run uses {ours.kind} at {ours.path}")
+
+
 class T2VTask(TrainTask):
     def __init__(self, cfg: T2VTrainConfig, dist_info: DistInfo):
         self.cfg, self.dist = cfg, dist_info
         device = dist_info.device
+        if cfg.latents.cached:
+            check_cache_matches(cfg)
         self.first_stage = build_first_stage(cfg, device)
         text_encoder = build_frozen_text_encoder(cfg, device)
         self.model = build_dit(cfg, self.first_stage, text_encoder.hidden_size)
@@ -131,7 +142,7 @@ class T2VTask(TrainTask):
 
     # ------------------------------------------------------------------------------------------- evaluation
     def evaluate(self, step: int, ctx: StepContext) -> dict[str, float]:
-        """Sample the fixed prompts to mp4 (each rank a share of them); at the end, export the DiT."""
+        """Sample the fixed prompts to mp4, each rank a share of them."""
         from tools.sample_t2v import sample_prompts
 
         module = ctx.engine(ENGINE).module
@@ -147,11 +158,17 @@ class T2VTask(TrainTask):
                 if mine:
                     written = len(sample_prompts(module, self.first_stage, states[mine], mask[mine], self.cfg, out,
                                                  indices=mine))
-            if step >= self.cfg.run.max_steps and self.dist.is_main:
-                export_diffusers(module, Path(ctx.output_dir) / EXPORT_DIR)
             module.train(was_training)
         barrier()
         return {"samples_written": float(written)}
+
+    def on_train_end(self, ctx: StepContext) -> None:
+        """Export the DiT (EMA weights when kept) as a diffusers folder for ``tools/sample_t2v``."""
+        module = ctx.engine(ENGINE).module
+        if self.dist.is_main:
+            with maybe_averaged(ctx.emas.get(ENGINE), module):
+                export_diffusers(module, Path(ctx.output_dir) / EXPORT_DIR)
+        barrier()
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
