@@ -190,7 +190,8 @@ class SSVAELoss(nn.Module):
         if adaptive:
             term, factor = lcr_loss(corr["avg_corr"], nll, encoder_last_layer, config)
             return corr, term, factor
-        return corr, LCR_WEIGHT_SCALE * config.weight * lcr_penalty(corr["avg_corr"], config.thresh), torch.ones_like(zero)
+        term = LCR_WEIGHT_SCALE * config.weight * lcr_penalty(corr["avg_corr"], config.thresh)
+        return corr, term, torch.ones_like(zero)
 
     def generator_loss(self, inputs: torch.Tensor, reconstructions: torch.Tensor, posterior: Any, step: int,
                        encoder_last_layer: torch.Tensor | None = None,
