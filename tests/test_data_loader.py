@@ -111,6 +111,9 @@ def test_mixing_in_the_loader(videos, images):
     assert kinds.count("image") / 4000 == pytest.approx(0.25, abs=0.03)
     got = [b["kind"] for b in _take(build_loader(cfg, seed=5), 12)]
     assert got == kinds[:12]
+    # all ranks of a step hold the same kind and shape (data-parallel steps stay in lockstep)
+    other_rank = ShardBatchDataset(cfg, rank=1, world_size=2, seed=5)
+    assert [ds.kinds[b] for _, b, _ in itertools.islice(other_rank.schedule.iterate(0, len(ds.buckets)), 4000)] == kinds
 
 
 def test_buckets_give_homogeneous_batches_with_their_batch_size(tmp_path, images):
