@@ -27,7 +27,6 @@ CLI: score a folder of ``<key>.mp4`` files (or of shards) against meta files hol
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
@@ -56,10 +55,9 @@ ATTRIBUTES = ("shape", "color", "motion")
 # ---------------------------------------------------------------------------------------------------------- input
 def read_video(source: str | os.PathLike | bytes) -> np.ndarray:
     """Decode an mp4 (path or bytes) to uint8 frames (T, H, W, 3)."""
-    import av
+    from infra.data.decode import decode_all
 
-    with av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source)) as container:
-        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+    return decode_all(source if isinstance(source, bytes) else Path(source).read_bytes())
 
 
 def to_frames(video) -> np.ndarray:
