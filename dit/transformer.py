@@ -9,6 +9,8 @@ modulation ("expert" adaptive LayerNorm). Module and parameter names follow diff
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +19,17 @@ from torch.utils.checkpoint import checkpoint
 from .attention import Attention, get_attention_fn
 from .config import DiTConfig
 from .embeddings import PatchEmbed, TimestepEmbedding, rope_3d, sincos_3d, timestep_embedding, unpatchify
+
+
+class Tokens(NamedTuple):
+    """The state the blocks work on: video tokens (B, N, D), text tokens (B, L, D), timestep embedding
+    (B, time_embed_dim), rotary (cos, sin) of the video tokens or None, key mask (B, L + N) or None."""
+
+    video: torch.Tensor
+    text: torch.Tensor
+    temb: torch.Tensor
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+    key_mask: torch.Tensor | None
 
 
 class ExpertAdaLayerNorm(nn.Module):
@@ -135,8 +148,9 @@ class CogVideoXTransformer(nn.Module):
             self._position_cache[key] = value
         return self._position_cache[key]
 
-    def forward(self, latents: torch.Tensor, text_states: torch.Tensor, timestep: torch.Tensor,
-                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, latents: torch.Tensor, text_states: torch.Tensor, timestep: torch.Tensor,
+              text_mask: torch.Tensor | None = None) -> Tokens:
+        """Everything before the blocks: timestep embedding, patch and text projections, positions."""
         cfg = self.config
         if latents.ndim != 5 or latents.shape[2] != cfg.in_channels:
             raise ValueError(f"latents must be (B, F, {cfg.in_channels}, H, W), got {tuple(latents.shape)}")
@@ -160,12 +174,24 @@ class CogVideoXTransformer(nn.Module):
             if text_mask.shape != text_states.shape[:2]:
                 raise ValueError(f"text_mask must be (B, L) = {tuple(text_states.shape[:2])}, got {tuple(text_mask.shape)}")
             key_mask = torch.cat([text_mask.bool(), text_mask.new_ones(b, video.shape[1], dtype=torch.bool)], dim=1)
+        return Tokens(video, text, temb, rope, key_mask)
 
+    def run_blocks(self, tokens: Tokens) -> Tokens:
+        video, text = tokens.video, tokens.text
         for block in self.transformer_blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                video, text = checkpoint(block, video, text, temb, rope, key_mask, use_reentrant=False)
+                video, text = checkpoint(block, video, text, tokens.temb, tokens.rope, tokens.key_mask, use_reentrant=False)
             else:
-                video, text = block(video, text, temb, rope, key_mask)
+                video, text = block(video, text, tokens.temb, tokens.rope, tokens.key_mask)
+        return tokens._replace(video=video, text=text)
 
-        video = self.norm_out(self.norm_final(video), temb)
-        return unpatchify(self.proj_out(video), frames, height, width, cfg.patch_size, cfg.temporal_patch)
+    def head(self, video: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """Final modulated norm and projection: video tokens (B, N, D) -> patches (B, N, C*pt*p*p)."""
+        return self.proj_out(self.norm_out(self.norm_final(video), temb))
+
+    def forward(self, latents: torch.Tensor, text_states: torch.Tensor, timestep: torch.Tensor,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = self.run_blocks(self.embed(latents, text_states, timestep, text_mask))
+        _, frames, _, height, width = latents.shape
+        cfg = self.config
+        return unpatchify(self.head(tokens.video, tokens.temb), frames, height, width, cfg.patch_size, cfg.temporal_patch)
