@@ -1,0 +1,75 @@
+"""Ulysses sequence parallelism: 2 gloo processes give the single-process outputs and gradients."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CASES = [("rope", False), ("sincos", True)]  # one spawn for both: process start-up dominates the time
+
+
+def _worker(rank: int, port: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        for positional_embedding, use_mask in CASES:
+            _check(positional_embedding, use_mask)
+    finally:
+        dist.destroy_process_group()
+
+
+def _check(positional_embedding: str, use_mask: bool) -> None:
+    from dit import CogVideoXTransformer, DiTConfig
+    from dit.sequence_parallel import enable_ulysses, ulysses_forward
+
+    torch.manual_seed(0)
+    config = DiTConfig.preset("tiny", positional_embedding=positional_embedding, patch_size=1)
+    reference = CogVideoXTransformer(config)
+    parallel = CogVideoXTransformer(config)
+    parallel.load_state_dict(reference.state_dict())
+    enable_ulysses(parallel)
+    latents, text = torch.randn(2, 2, 16, 4, 4), torch.randn(2, 8, 32)
+    timestep = torch.tensor([3, 800])
+    mask = None
+    if use_mask:
+        mask = torch.ones(2, 8, dtype=torch.bool)
+        mask[0, 5:] = False
+    target = torch.randn_like(latents)
+
+    expected = reference(latents, text, timestep, text_mask=mask)
+    (expected - target).square().mean().backward()
+    got = ulysses_forward(parallel, latents, text, timestep, text_mask=mask)
+    (got - target).square().mean().backward()
+
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for (name, p), (_, q) in zip(reference.named_parameters(), parallel.named_parameters()):
+        grad = q.grad.clone()
+        dist.all_reduce(grad)  # the ranks' gradients sum to the single-process gradient
+        torch.testing.assert_close(grad, p.grad, atol=1e-5, rtol=1e-4, msg=f"{positional_embedding}: {name}")
+
+
+def test_ulysses_matches_single_process():
+    os.environ["OMP_NUM_THREADS"] = "1"
+    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+
+
+def test_ulysses_forward_needs_enable():
+    from dit import CogVideoXTransformer, DiTConfig
+    from dit.sequence_parallel import ulysses_forward
+
+    model = CogVideoXTransformer(DiTConfig.preset("tiny"))
+    with pytest.raises(RuntimeError, match="enable_ulysses"):
+        ulysses_forward(model, torch.zeros(1, 2, 16, 4, 4), torch.zeros(1, 8, 32), torch.tensor([1]))
