@@ -167,13 +167,12 @@ class InceptionI3d(nn.Module):
         if video.dim() != 5 or video.shape[1] != 3:
             raise ValueError(f"I3D expects (B, 3, T, H, W), got {tuple(video.shape)}")
         x = self.features(video)
-        # kinetics-i3d: VALID 2x7x7 average pool (stride 1), 1x1x1 conv, squeeze space, mean over time
+        if x.shape[2] < 2 or x.shape[3:] != (7, 7):
+            # the head is a VALID 2x7x7 pool over an 8x downsampled time axis and 32x downsampled space
+            raise ValueError(f"I3D needs 224x224 frames and at least 9 of them, got {tuple(video.shape[2:])}")
+        # kinetics-i3d: average pool (stride 1), 1x1x1 conv, squeeze space, mean over the remaining time steps
         x = F.avg_pool3d(x, (2, 7, 7), stride=1)
-        return self.logits(x).mean(dim=(2, 3, 4)) if x.shape[3:] == (1, 1) else _bad_size(video)
-
-
-def _bad_size(video: torch.Tensor):
-    raise ValueError(f"I3D needs 224x224 frames (and at least 9 frames), got {tuple(video.shape[2:])}")
+        return self.logits(x).mean(dim=(2, 3, 4))
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
