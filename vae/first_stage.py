@@ -88,6 +88,9 @@ class FirstStage(nn.Module):
 
 
 class SSVAEFirstStage(FirstStage):
+    """Our SSVAE; latents are (z - m) / s with the model's latent stats. Encoding follows the inference config
+    (chunks, tiles); with `sample=True` it encodes the whole video in one pass and samples the posterior."""
+
     def __init__(self, model: SSVAE, inference: Optional[InferenceConfig] = None, sample: bool = False) -> None:
         super().__init__(model)
         self.inference = inference or InferenceConfig()
