@@ -12,6 +12,7 @@ from .convert import (
 )
 from .diffusion import DiffusionConfig, VPrediction, alphas_cumprod, drop_text, training_loss
 from .samplers import dynamic_guidance_scale, make_scheduler, sample
+from .sequence_parallel import enable_ulysses, ulysses_forward
 from .transformer import CogVideoXTransformer
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "diffusers_config",
     "drop_text",
     "dynamic_guidance_scale",
+    "enable_ulysses",
     "export_diffusers",
     "export_sat",
     "from_diffusers",
@@ -35,4 +37,5 @@ __all__ = [
     "sdpa_attention",
     "set_attention_fn",
     "training_loss",
+    "ulysses_forward",
 ]
