@@ -1,0 +1,101 @@
+"""Latent caching: the cache holds what the first stage and text encoder give, resumes shard by shard, refuses mixing;
+its loader keeps the start_batch contract and the shard loader's plan, so training on it equals on-the-fly training."""
+import json
+
+import pytest
+import torch
+
+from test_t2v_train import logged_losses, run_t2v, t2v_config  # noqa: F401  (t2v_config is a fixture)
+
+
+def _load(config_path, *overrides):
+    from infra.config import load_config
+    from dit.train_config import T2VTrainConfig
+
+    return load_config(T2VTrainConfig, config_path, list(overrides))
+
+
+@pytest.fixture(scope="module")
+def cache(t2v_config):
+    from tools.cache_latents import cache_latents
+
+    return cache_latents(_load(t2v_config), t2v_config.parent / "cache", batch_size=3, show_progress=False)
+
+
+def test_cache_holds_first_stage_latents_text_and_ground_truth(t2v_config, cache):
+    from dit.latent_dataset import LatentCache
+    from dit.train import build_first_stage, build_frozen_text_encoder, encode_text
+    from infra.data.eval_clips import load_eval_clips
+
+    cfg = _load(t2v_config)
+    latents = LatentCache(cache)
+    assert len(latents) == 8 and sorted(p.name for p in cache.glob("part-*")) == [
+        "part-000000.jsonl", "part-000000.safetensors", "part-000001.jsonl", "part-000001.safetensors"]
+    clips = load_eval_clips(cfg.data.video_roots, 8, 9, 8.0, 32, 32, "pyav")
+    assert [latents.load(i)["meta"]["key"] for i in range(8)] == [m["key"] for m in clips["meta"]]  # source order
+    sample = latents.load(5)
+    assert sample["meta"]["truth"] == clips["meta"][5]["truth"] and sample["caption"] == clips["caption"][5]
+    device = torch.device("cpu")
+    expected = build_first_stage(cfg, device).encode(clips["video"][5:6])[0]
+    assert sample["latents"].shape == (8, 3, 2, 2)
+    torch.testing.assert_close(sample["latents"], expected, atol=1e-5, rtol=1e-4)
+    states, mask = encode_text(build_frozen_text_encoder(cfg, device), [clips["caption"][5]], device)
+    n = sample["text_mask"].shape[0]
+    assert sample["text_mask"].all() and n == int(mask[0].sum())  # right padding dropped
+    torch.testing.assert_close(sample["text_states"], states[0, :n], atol=1e-5, rtol=1e-4)
+
+
+def test_cache_resumes_only_missing_shards_and_refuses_other_settings(t2v_config, cache, monkeypatch):
+    import tools.cache_latents as tool
+    from dit.latent_dataset import LatentCache
+
+    before = [LatentCache(cache).load(i)["latents"] for i in range(8)]
+    first_part = (cache / "part-000000.safetensors").stat().st_mtime_ns
+    for name in ("part-000001.jsonl", "part-000001.safetensors", "COMPLETE"):
+        (cache / name).unlink()
+    with pytest.raises(FileNotFoundError, match="COMPLETE"):
+        LatentCache(cache)
+    decoded = []
+    original = tool.load_sample
+    monkeypatch.setattr(tool, "load_sample", lambda record, *a: decoded.append(record.key) or original(record, *a))
+    tool.cache_latents(_load(t2v_config), cache, batch_size=3, show_progress=False)
+    assert decoded == ["v0000004", "v0000005", "v0000006", "v0000007"]  # only the missing shard
+    assert (cache / "part-000000.safetensors").stat().st_mtime_ns == first_part
+    after = [LatentCache(cache).load(i)["latents"] for i in range(8)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    with pytest.raises(ValueError, match="other settings"):
+        tool.cache_latents(_load(t2v_config, "data.num_frames=5"), cache, show_progress=False)
+
+
+def test_latent_loader_resumes_and_follows_the_shard_loader_plan(t2v_config, cache):
+    from dit.latent_dataset import build_latent_loader
+    from infra.data.dataset import build_loader
+
+    cfg = _load(t2v_config)
+    stream = iter(build_latent_loader(cache, 3, seed=7))
+    batches = [next(stream) for _ in range(5)]
+    resumed = next(iter(build_latent_loader(cache, 3, seed=7, start_batch=3)))
+    assert resumed["step"] == 3 and resumed["meta"] == batches[3]["meta"]
+    assert torch.equal(resumed["latents"], batches[3]["latents"])
+    assert torch.equal(resumed["text_states"], batches[3]["text_states"])
+    cfg.data.video_batch_size = 3
+    shards = iter(build_loader(cfg.data, seed=7))
+    for batch in batches:  # the same samples, step by step, as the on-the-fly loader
+        assert [m["key"] for m in batch["meta"]] == [m["key"] for m in next(shards)["meta"]]
+    # Two ranks share out one epoch (8 samples = 2 steps x 2 ranks x 2) without a duplicate.
+    keys = [m["key"] for rank in (0, 1) for b in [next(iter(build_latent_loader(cache, 2, rank, 2, seed=1, start_batch=s)))
+                                                   for s in (0, 1)] for m in b["meta"]]
+    assert sorted(keys) == [f"v{i:07d}" for i in range(8)]
+
+
+def test_training_on_cached_latents_equals_on_the_fly(t2v_config, cache):
+    fly, cached = t2v_config.parent / "fly", t2v_config.parent / "cached"
+    common = ("run.max_steps=3", "sampling.enabled=false", "run.ema_decay=0")
+    run_t2v(t2v_config, fly, *common)
+    run_t2v(t2v_config, cached, *common, f"latents.cache_dir={cache}")
+    a, b = logged_losses(fly), logged_losses(cached)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    assert a[1] == pytest.approx(b[1], rel=1e-5)  # same clips, noise, timesteps and caption drops
+    assert list(b.values()) == pytest.approx(list(a.values()), rel=1e-4)
+    state = json.loads((cached / "checkpoints/step_000003/trainer_state.json").read_text())
+    assert state["data_position"] == 3
