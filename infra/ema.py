@@ -1,6 +1,8 @@
 """Exponential moving average of a model's trainable weights, kept in fp32 beside the DeepSpeed engine."""
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
+
 import torch
 from torch import nn
 
@@ -26,6 +28,19 @@ class EMA:
             if name in self.shadow:
                 p.copy_(self.shadow[name].to(p.dtype))
 
+    @contextmanager
+    def averaged(self, module: nn.Module):
+        """Temporarily put the averaged weights into ``module`` (evaluation, export); the trained ones come back."""
+        trained = {n: p.detach().clone() for n, p in module.named_parameters() if n in self.shadow}
+        self.copy_to(module)
+        try:
+            yield module
+        finally:
+            with torch.no_grad():
+                for n, p in module.named_parameters():
+                    if n in trained:
+                        p.copy_(trained[n])
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)
 
@@ -35,3 +50,8 @@ class EMA:
             raise KeyError(f"EMA state lacks {sorted(missing)[:5]}")
         for name in self.shadow:
             self.shadow[name].copy_(state[name])
+
+
+def maybe_averaged(ema: "EMA | None", module: nn.Module):
+    """``ema.averaged(module)`` when there is an EMA, else a no-op context."""
+    return ema.averaged(module) if ema is not None else nullcontext(module)

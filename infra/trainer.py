@@ -54,6 +54,9 @@ class TrainTask:
     def evaluate(self, step: int, ctx: "StepContext") -> dict[str, float]:
         return {}
 
+    def on_train_end(self, ctx: "StepContext") -> None:
+        """Called on every rank after the final checkpoint (e.g. to export the trained model)."""
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
 
@@ -180,6 +183,7 @@ class Trainer:
         if not (self.run.save_every and self.step % self.run.save_every == 0):
             self.save()
         bar.close()
+        self.task.on_train_end(self.ctx)
         self.logger.close()
         signal.signal(signal.SIGTERM, previous)
         return last_eval

@@ -1,0 +1,149 @@
+"""SSVAE training on the shared engine: ``deepspeed --module vae.train --config configs/vae/<file>.yaml [k=v ...]``.
+
+Two engines: ``autoencoder`` (the SSVAE and the loss's learned log-variance) and ``discriminator`` (the PatchGAN),
+each with its own optimizer and schedule. Before ``loss.disc_start`` every step is a generator step; from then on
+discriminator and generator steps alternate (``SSVAELoss.is_discriminator_step``).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from infra.data.dataset import build_loader
+from infra.data.eval_clips import load_eval_clips
+from infra.distributed import DistInfo
+from infra.ema import maybe_averaged
+from infra.metrics.lpips import LPIPS
+from infra.trainer import EngineSpec, StepContext, TrainTask, run_training
+from infra.video_io import side_by_side, write_video
+from vae.losses import SSVAELoss
+from vae.model import SSVAE
+from vae.train_config import VAETrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class AutoencoderWithLoss(nn.Module):
+    """What the ``autoencoder`` engine trains: the SSVAE plus the loss's learned log-variance.
+
+    The loss (with its discriminator and frozen perceptual network) is held but not registered as a submodule, so the
+    discriminator's weights belong to the discriminator engine alone.
+    """
+
+    def __init__(self, vae: SSVAE, loss: SSVAELoss):
+        super().__init__()
+        self.vae = vae
+        if loss.logvar.dim() == 0:  # DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes
+            loss.logvar = nn.Parameter(loss.logvar.detach().reshape(1), requires_grad=loss.logvar.requires_grad)
+        self.logvar = loss.logvar
+        object.__setattr__(self, "loss", loss)
+
+    def forward(self, x: torch.Tensor, step: int):
+        posterior = self.vae.posterior(x)
+        z, ratio = self.loss.apply_lmr(posterior.sample(), self.vae.mask_token)
+        recon = self.vae.decoder(z)
+        lcr_on = self.loss.config.lcr.enabled
+        loss, logs = self.loss.generator_loss(
+            x, recon, posterior, step,
+            encoder_last_layer=self.vae.encoder_last_layer if lcr_on else None,
+            decoder_last_layer=self.vae.decoder_last_layer, lmr_ratio=ratio)
+        return loss, logs
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        posterior = self.vae.posterior(x)
+        z = posterior.sample() if sample else posterior.mode()
+        if sample:
+            z, _ = self.loss.apply_lmr(z, self.vae.mask_token)
+        return self.vae.decoder(z)
+
+
+def build_vae(cfg: VAETrainConfig) -> SSVAE:
+    source = cfg.init_from
+    if not source:
+        vae = SSVAE(cfg.model)
+    elif Path(source).is_dir():
+        vae = SSVAE.from_pretrained(source)
+    else:
+        from vae.official import load_official
+
+        vae = load_official(source, cfg.model)
+    if cfg.model.encoder.frozen:
+        vae.encoder.requires_grad_(False)
+    return vae
+
+
+class VAETask(TrainTask):
+    def __init__(self, cfg: VAETrainConfig, dist: DistInfo):
+        self.cfg, self.dist = cfg, dist
+        perceptual = LPIPS.from_config(cfg.perceptual) if cfg.loss.perceptual_weight > 0 else None
+        self.loss = SSVAELoss(cfg.loss, perceptual).to(dist.device)
+        self.vae = build_vae(cfg)
+        self.autoencoder = AutoencoderWithLoss(self.vae, self.loss)
+        self.eval_clips = None
+
+    def engine_specs(self) -> list[EngineSpec]:
+        specs = [EngineSpec("autoencoder", self.autoencoder, self.cfg.optimizer, ema=True)]
+        if self.loss.discriminator is not None:
+            specs.append(EngineSpec("discriminator", self.loss.discriminator, self.cfg.disc_optimizer))
+        return specs
+
+    def batches(self, start_batch: int):
+        return build_loader(self.cfg.data, self.dist.rank, self.dist.world_size, self.cfg.run.seed, start_batch)
+
+    def train_step(self, batch: dict, step: int, ctx: StepContext) -> dict[str, float]:
+        x = batch["video"].to(ctx.device, non_blocking=True)
+        logs = {f"data/skipped_{k}": float(v) for k, v in batch.get("skips", {}).items()}
+        if self.loss.is_discriminator_step(step):
+            recon = ctx.engine("autoencoder").module.reconstruct(x)
+            loss, disc_logs = self.loss.discriminator_loss(x, recon, step)
+            ctx.backward_and_step("discriminator", loss)
+            return {**logs, **disc_logs}
+        loss, gen_logs = ctx.engine("autoencoder")(x, step)
+        ctx.backward_and_step("autoencoder", loss)
+        return {**logs, **gen_logs, f"loss_{batch['kind']}": gen_logs["loss/total"]}
+
+    @torch.no_grad()
+    def evaluate(self, step: int, ctx: StepContext) -> dict[str, float]:
+        """Reconstruct the held-out clips from the posterior mean (the EMA weights when kept); L1 and PSNR."""
+        if self.eval_clips is None:
+            d = self.cfg.data
+            roots = self.cfg.eval.video_roots or d.video_roots
+            self.eval_clips = load_eval_clips(roots, self.cfg.eval.num_clips, d.num_frames, d.fps, d.height, d.width,
+                                              d.decoder)["video"]
+        module = ctx.engine("autoencoder").module
+        module.eval()
+        l1, psnr = [], []
+        with maybe_averaged(ctx.emas.get("autoencoder"), module):
+            for i, clip in enumerate(self.eval_clips):
+                x = clip[None].to(ctx.device)
+                recon = module.reconstruct(x, sample=False).clamp(-1, 1)
+                l1.append((recon - x).abs().mean().item())
+                mse = ((recon - x) / 2).pow(2).mean().item()
+                psnr.append(10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-10))).item())
+                if self.cfg.eval.write_videos and ctx.dist.is_main:
+                    write_video(Path(ctx.output_dir) / "reconstructions" / f"step_{step:06d}" / f"clip{i}.mp4",
+                                side_by_side(x[0], recon[0]), fps=self.cfg.data.fps)
+        module.train()
+        return {"rec_l1": sum(l1) / len(l1), "psnr": sum(psnr) / len(psnr)}
+
+    def on_train_end(self, ctx: StepContext) -> None:
+        """Export the trained model (and its EMA) as save_pretrained folders, ready for encode/decode and the DiT."""
+        if not ctx.dist.is_main:
+            return
+        out = Path(ctx.output_dir)
+        self.vae.save_pretrained(out / "model")
+        if "autoencoder" in ctx.emas:
+            with ctx.emas["autoencoder"].averaged(ctx.engine("autoencoder").module):
+                self.vae.save_pretrained(out / "model_ema")
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    return run_training(VAETrainConfig, VAETask, argv, description=__doc__)
+
+
+if __name__ == "__main__":
+    main()
