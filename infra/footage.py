@@ -40,6 +40,13 @@ def real_clip_paths() -> dict[str, Path]:
     return out
 
 
+def frame_count(path: str | Path) -> int:
+    """Number of frames the container holds (decord indexes every frame on open)."""
+    import decord
+
+    return len(decord.VideoReader(str(path), num_threads=1))
+
+
 def read_frames(path: str | Path, indices: list[int] | range | None = None) -> "np.ndarray":
     """Decode frames ``indices`` (all when None) of a video file: uint8 (T, H, W, 3), RGB."""
     import decord
