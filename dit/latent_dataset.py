@@ -3,7 +3,7 @@
 A cache folder holds, per source shard ``i`` (in ``infra.data`` shard order)::
 
     part-NNNNNN.safetensors   "<j>/latents" (C, F, h, w) normalised first-stage latents of the shard's j-th sample,
-                              "<j>/text_states" (L, D) and "<j>/text_mask" (L,) of its caption
+                              "<j>/text_states" (L, D) and "<j>/text_mask" (L,) of its caption, padding included
     part-NNNNNN.jsonl         line j: {"key", "caption", "meta"} (the source meta line, ground truth included)
     manifest.json             what made the cache (first stage, text encoder, clip shape, source roots)
     COMPLETE                  written last; a cache without it is refused
@@ -73,15 +73,10 @@ class LatentCache:
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack samples; text is padded to the longest in the batch (zeros, masked out)."""
-    length = max(s["text_states"].shape[0] for s in samples)
-    states = torch.zeros(len(samples), length, samples[0]["text_states"].shape[1], dtype=samples[0]["text_states"].dtype)
-    mask = torch.zeros(len(samples), length, dtype=torch.bool)
-    for i, s in enumerate(samples):
-        n = s["text_states"].shape[0]
-        states[i, :n], mask[i, :n] = s["text_states"], s["text_mask"].bool()
-    return {"latents": torch.stack([s["latents"] for s in samples]), "text_states": states, "text_mask": mask,
-            "caption": [s["caption"] for s in samples], "meta": [s["meta"] for s in samples]}
+    """Stack samples (text states all have the encoder's max_length: it pads every prompt to it)."""
+    stacked = {f: torch.stack([s[f] for s in samples]) for f in FIELDS}
+    stacked["text_mask"] = stacked["text_mask"].bool()
+    return {**stacked, "caption": [s["caption"] for s in samples], "meta": [s["meta"] for s in samples]}
 
 
 class LatentBatchDataset(IterableDataset):

@@ -65,6 +65,13 @@ def encode_text(text_encoder, captions: list[str], device: torch.device) -> tupl
     return states.to(device).float(), mask.to(device).bool()
 
 
+def uses_text_mask(cfg: T2VTrainConfig, text_encoder) -> bool:
+    """Whether the DiT attends only to real text tokens: ``diffusion.text_mask``, else as the encoder masks."""
+    if cfg.diffusion.text_mask is not None:
+        return cfg.diffusion.text_mask
+    return bool(getattr(text_encoder, "mask_padding", True))
+
+
 def step_generator(seed: int, data_position: int, rank: int, device: torch.device) -> torch.Generator:
     """The generator of one micro-batch's random draws: a function of (seed, data position, rank) only."""
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + data_position) * 1_009 + rank)
@@ -93,6 +100,7 @@ class T2VTask(TrainTask):
         prompts = cfg.sampling.prompts if cfg.sampling.enabled else []
         self.prompt_states = encode_text(text_encoder, prompts, device) if prompts else None
         self.text_encoder = None if cfg.latents.cached else text_encoder
+        self.text_mask = uses_text_mask(cfg, text_encoder)
         if dist_info.is_main:
             n = sum(p.numel() for p in self.model.parameters())
             log.info("DiT %.1fM parameters: %s", n / 1e6, self.model.config)
@@ -132,7 +140,8 @@ class T2VTask(TrainTask):
         mask = mask | (keep == 0)
         model = ctx.engine(ENGINE)
         dtype = next(model.module.parameters()).dtype  # bf16 under deepspeed.precision=bf16
-        loss = self.diffusion.training_loss(model, latents.to(dtype), states.to(dtype), mask, generator=g)
+        loss = self.diffusion.training_loss(model, latents.to(dtype), states.to(dtype),
+                                            mask if self.text_mask else None, generator=g)
         ctx.backward_and_step(ENGINE, loss)
         mean = loss.detach().float().clone()
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -156,8 +165,8 @@ class T2VTask(TrainTask):
                 states, mask = self.prompt_states
                 mine = list(range(self.dist.rank, states.shape[0], self.dist.world_size))
                 if mine:
-                    written = len(sample_prompts(module, self.first_stage, states[mine], mask[mine], self.cfg, out,
-                                                 indices=mine))
+                    written = len(sample_prompts(module, self.first_stage, states[mine],
+                                                 mask[mine] if self.text_mask else None, self.cfg, out, indices=mine))
             module.train(was_training)
         barrier()
         return {"samples_written": float(written)}

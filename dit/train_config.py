@@ -61,6 +61,9 @@ class ConditioningConfig:
 
     schedule: DiffusionConfig = field(default_factory=DiffusionConfig)  # snr_shift_scale 3 (2B) or 1 (5B)
     caption_dropout: float = 0.1  # captions replaced by zero embeddings (CogVideoX), what CFG samples against
+    # Mask the text's padding tokens out of the DiT's attention. None: as the text encoder masks them (minilm yes;
+    # t5 no: CogVideoX's transformer attends to all 226 T5 states, padding included).
+    text_mask: bool | None = None
 
     def validate(self, prefix: str = "diffusion") -> None:
         check(0.0 <= self.caption_dropout <= 1.0, f"{prefix}.caption_dropout", "must be in [0, 1]")

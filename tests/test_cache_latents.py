@@ -40,9 +40,8 @@ def test_cache_holds_first_stage_latents_text_and_ground_truth(t2v_config, cache
     assert sample["latents"].shape == (8, 3, 2, 2)
     torch.testing.assert_close(sample["latents"], expected, atol=1e-5, rtol=1e-4)
     states, mask = encode_text(build_frozen_text_encoder(cfg, device), [clips["caption"][5]], device)
-    n = sample["text_mask"].shape[0]
-    assert sample["text_mask"].all() and n == int(mask[0].sum())  # right padding dropped
-    torch.testing.assert_close(sample["text_states"], states[0, :n], atol=1e-5, rtol=1e-4)
+    assert torch.equal(sample["text_mask"], mask[0]) and not mask[0].all()  # padded to max_length, mask kept
+    torch.testing.assert_close(sample["text_states"], states[0], atol=1e-5, rtol=1e-4)
 
 
 def test_cache_resumes_only_missing_shards_and_refuses_other_settings(t2v_config, cache, monkeypatch):

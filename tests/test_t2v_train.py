@@ -121,7 +121,9 @@ def test_config_rejects_keys_typed_twice_and_bad_values(tmp_path):
         overrides = [override] + (["data.image_prob=0.5", "data.image_roots=x"] if key == "data.image_prob" else [])
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(T2VTrainConfig, path, overrides)
-    cfg = load_config(T2VTrainConfig, ROOT / "configs/t2v/cogvideox_5b_ssvae.yaml")
+    with pytest.raises(ConfigError, match="text_encoder.path"):  # the T5 folder must exist
+        load_config(T2VTrainConfig, ROOT / "configs/t2v/cogvideox_5b_ssvae.yaml")
+    cfg = load_config(T2VTrainConfig, ROOT / "configs/t2v/cogvideox_5b_ssvae.yaml", [f"text_encoder.path={tmp_path}"])
     assert cfg.optimizer.betas == [0.9, 0.95] and cfg.optimizer.weight_decay == 1e-4
     assert cfg.deepspeed.zero_stage == 2 and cfg.deepspeed.gradient_clipping == 0.1
     assert cfg.diffusion.caption_dropout == 0.1 and cfg.diffusion.schedule.snr_shift_scale == 1.0

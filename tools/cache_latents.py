@@ -52,12 +52,6 @@ def _check_manifest(out: Path, manifest: dict) -> None:
         path.write_text(json.dumps(manifest, indent=1) + "\n")
 
 
-def _text_length(mask: torch.Tensor) -> int:
-    """Tokens up to the last attended one (right padding is dropped; the reader pads again, masked)."""
-    attended = mask.nonzero()
-    return int(attended[-1]) + 1 if len(attended) else 1
-
-
 def _write_part(out: Path, index: int, tensors: dict[str, torch.Tensor], lines: list[dict]) -> None:
     from dit.latent_dataset import part_name
 
@@ -124,10 +118,11 @@ def cache_latents(cfg, out: str | Path, batch_size: int = 4, dtype: str = "float
             latents = first_stage.encode(torch.stack(videos).to(device)).float().cpu()
             states, mask = encode_text(text_encoder, captions, device)
             for i in range(len(videos)):
-                j, n = len(lines), _text_length(mask[i])
+                # Text states are kept whole, padding included: a DiT trained as CogVideoX attends to all of them.
+                j = len(lines)
                 tensors[tensor_name(j, "latents")] = latents[i].to(DTYPES[dtype])
-                tensors[tensor_name(j, "text_states")] = states[i, :n].cpu().to(DTYPES[dtype])
-                tensors[tensor_name(j, "text_mask")] = mask[i, :n].cpu()
+                tensors[tensor_name(j, "text_states")] = states[i].cpu().to(DTYPES[dtype])
+                tensors[tensor_name(j, "text_mask")] = mask[i].cpu()
                 lines.append({"key": metas[i]["key"], "caption": captions[i], "meta": metas[i]})
         _write_part(out, index, tensors, lines)
     bar.close()

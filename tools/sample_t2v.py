@@ -22,9 +22,10 @@ from infra.video_io import write_video
 
 
 @torch.no_grad()
-def sample_prompts(model, first_stage, text_states: torch.Tensor, text_mask: torch.Tensor, cfg,
+def sample_prompts(model, first_stage, text_states: torch.Tensor, text_mask: torch.Tensor | None, cfg,
                    out_dir: str | Path, indices: Sequence[int] | None = None) -> list[Path]:
-    """Sample one video per row of ``text_states`` (B, L, D) and write ``<out_dir>/prompt_<i>.mp4``.
+    """Sample one video per row of ``text_states`` (B, L, D) and write ``<out_dir>/prompt_<i>.mp4``; ``text_mask``
+    (B, L) when the DiT masks text padding (see ``dit.train.uses_text_mask``), else None.
 
     ``cfg`` is a ``T2VTrainConfig`` (its ``sampling``, ``diffusion`` and ``data`` sections); ``indices`` are the rows'
     positions in the prompt list (their seeds and file names), 0..B-1 when not given.
@@ -44,7 +45,8 @@ def sample_prompts(model, first_stage, text_states: torch.Tensor, text_mask: tor
         generator = torch.Generator(device=device).manual_seed(s.seed + index)
         latents = sample(model, text_states[row:row + 1].to(dtype), shape=(1, latent_frames, channels, h, w),
                          steps=s.steps, guidance=s.guidance, dynamic_cfg=s.dynamic_cfg, sampler=s.sampler,
-                         generator=generator, diffusion=cfg.diffusion.schedule, text_mask=text_mask[row:row + 1])
+                         generator=generator, diffusion=cfg.diffusion.schedule,
+                         text_mask=None if text_mask is None else text_mask[row:row + 1])
         video = first_stage.decode(latents.permute(0, 2, 1, 3, 4))  # DiT (B, F, C, h, w) -> VAE (B, C, F, h, w)
         paths.append(write_video(Path(out_dir) / f"prompt_{index:02d}.mp4", video[0], cfg.sample_fps()))
     return paths
@@ -52,7 +54,7 @@ def sample_prompts(model, first_stage, text_states: torch.Tensor, text_mask: tor
 
 def main(argv: list[str] | None = None) -> list[Path]:
     from dit.convert import from_diffusers
-    from dit.train import EXPORT_DIR, build_first_stage, build_frozen_text_encoder, encode_text
+    from dit.train import EXPORT_DIR, build_first_stage, build_frozen_text_encoder, encode_text, uses_text_mask
     from dit.train_config import T2VTrainConfig
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -70,8 +72,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
     model = from_diffusers(args.dit or Path(args.run) / EXPORT_DIR).to(device, dtype).eval()
     first_stage = build_first_stage(cfg, device)
-    states, mask = encode_text(build_frozen_text_encoder(cfg, device), args.prompt or cfg.sampling.prompts, device)
-    paths = sample_prompts(model, first_stage, states, mask, cfg, args.out)
+    text_encoder = build_frozen_text_encoder(cfg, device)
+    states, mask = encode_text(text_encoder, args.prompt or cfg.sampling.prompts, device)
+    paths = sample_prompts(model, first_stage, states, mask if uses_text_mask(cfg, text_encoder) else None, cfg,
+                           args.out)
     for path in paths:
         print(path)
     return paths
