@@ -25,6 +25,9 @@ def test_samples_are_deterministic_and_distinct():
     assert a.shape == (9, 64, 64, 3) and a.dtype == np.uint8
     assert np.array_equal(a, b) and cap_a == cap_b and truth_a == truth_b
     assert not np.array_equal(a, c)
+    trajectory = truth_a["trajectory"]
+    assert len(trajectory) == 9 and trajectory[0] == [*truth_a["start"], truth_a["radius"][0]]
+    assert trajectory[-1] == [*truth_a["end"], truth_a["radius"][1]]
     # The truth alone determines the pixels (a reward can re-render from the meta file).
     assert np.array_equal(render(json.loads(json.dumps(truth_a)), 64, 64, 9), a)
 

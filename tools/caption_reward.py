@@ -8,8 +8,10 @@ no download.
   is within ``tau`` of it (RGB in [0, 1], Euclidean); the palette colour with most such pixels over the clip is the
   answer. Backgrounds of the data set keep ``MIN_BACKGROUND_DISTANCE`` (0.3) away from every palette colour, so
   ``tau`` starts at 0.2 and is only relaxed (0.3, 0.4) for degraded clips where nothing was found.
-- **Shape**: per frame, the largest connected region of that colour is compared with each shape's template scaled
-  to the same area and placed at the same centroid; the shape with the highest mean IoU over frames wins.
+- **Shape**: per frame, around the largest connected region of that colour, the object's opacity is estimated from
+  the colour distance (``object_alpha``) and compared with each shape's template of the same area and centroid,
+  blurred by each of ``BLURS`` (generated clips are blurred by an unknown amount); the shape with the smallest mean
+  relative squared error over frames wins.
 - **Motion**: the region's centroid and log-area are fitted linearly against time. A displacement of at least
   ``MIN_TRAVEL`` (fraction of the frame side) gives one of 8 directions (45 degree sectors), otherwise the log-area
   change decides between grow, shrink (area ratio beyond ``GROWTH_RATIO``) and still.
@@ -245,20 +247,23 @@ def chance_level(truths: list[dict]) -> dict:
     return out
 
 
-def score_batch(videos, truths: list[dict], keys: list[str] | None = None) -> dict:
-    """Score clips against truths: ``{"per_video": [...], "mean": {...}, "chance": {...}, "count": n}``.
-
-    ``videos`` is any iterable of clips (a (B, 3, T, H, W) tensor iterates over its clips). Means are taken over the
-    clips where an attribute applies.
-    """
-    per_video = []
-    for i, (video, truth) in enumerate(zip(videos, truths, strict=True)):
-        per_video.append({"key": keys[i] if keys else str(i), **score_video(video, truth)})
+def summarize(per_video: list[dict], truths: list[dict]) -> dict:
+    """Means over the clips where each attribute applies, with the chance level of ``truths``."""
     mean = {}
     for attribute in (*ATTRIBUTES, "total"):
         values = [s[attribute] for s in per_video if s[attribute] is not None]
         mean[attribute] = float(np.mean(values)) if values else None
     return {"count": len(per_video), "mean": mean, "chance": chance_level(truths), "per_video": per_video}
+
+
+def score_batch(videos, truths: list[dict], keys: list[str] | None = None) -> dict:
+    """Score clips against truths: ``{"count": n, "mean": {...}, "chance": {...}, "per_video": [...]}``.
+
+    ``videos`` is any iterable of clips (a (B, 3, T, H, W) tensor iterates over its clips).
+    """
+    per_video = [{"key": keys[i] if keys else str(i), **score_video(video, truth)}
+                 for i, (video, truth) in enumerate(zip(videos, truths, strict=True))]
+    return summarize(per_video, truths)
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI
@@ -297,15 +302,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="JSON output path (default: print)")
     args = parser.parse_args(argv)
     truths = load_truths(args.meta)
-    keys, videos, matched, missing = [], [], [], 0
-    for key, data in tqdm(list(iter_mp4s(args.videos)), desc="caption reward", unit="video"):
+    per_video, matched, missing = [], [], 0
+    # Scored as they are decoded: a large folder never sits in memory.
+    for key, data in tqdm(iter_mp4s(args.videos), desc="caption reward", unit="video"):
         if key not in truths:
             missing += 1
             continue
-        keys.append(key)
-        videos.append(read_video(data))
         matched.append(truths[key])
-    result = score_batch(videos, matched, keys)
+        per_video.append({"key": key, **score_video(read_video(data), truths[key])})
+    result = summarize(per_video, matched)
     result["videos_without_truth"] = missing
     text = json.dumps(result, indent=1)
     if args.out:

@@ -255,6 +255,8 @@ def sample_truth(rng: np.random.Generator, cfg: SyntheticConfig, video: bool = T
         "radius": [round(r0, 4), round(r1, 4)],
         "background": sample_background(rng),
     }
+    # Per-frame centre x, centre y, radius (fractions of the frame side): derived, stored for readers of the meta.
+    truth["trajectory"] = np.round(trajectory(truth, cfg.frames if video else 1), 4).tolist()
     return truth
 
 
