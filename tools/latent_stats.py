@@ -34,7 +34,7 @@ class LatentMoments:
         return self
 
     def result(self) -> dict:
-        """``mean``, ``std`` (population), ``kurtosis`` (excess) and ``min``/``max`` per channel, plus overall values."""
+        """Per channel: ``mean``, ``std`` (population), ``kurtosis`` (excess), ``min``, ``max``; plus overall values."""
         if self.sums is None:
             raise ValueError("no latents were added")
         n = self.count
