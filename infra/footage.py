@@ -41,21 +41,34 @@ def real_clip_paths() -> dict[str, Path]:
 
 
 def frame_count(path: str | Path) -> int:
-    """Number of frames the container holds (decord indexes every frame on open)."""
-    import decord
+    """Number of frames in a video file (counted by decoding when the container does not announce it)."""
+    from infra.data.decode import open_video
 
-    return len(decord.VideoReader(str(path), num_threads=1))
+    source = open_video(Path(path).read_bytes(), "pyav")
+    try:
+        return source.num_frames or len(source.get_all())
+    finally:
+        source.close()
 
 
 def read_frames(path: str | Path, indices: list[int] | range | None = None) -> "np.ndarray":
-    """Decode frames ``indices`` (all when None) of a video file: uint8 (T, H, W, 3), RGB."""
-    import decord
+    """Decode frames ``indices`` (non-decreasing; all when None) of a video file: uint8 (T, H, W, 3), RGB.
 
-    reader = decord.VideoReader(str(path), num_threads=1)
-    indices = list(range(len(reader))) if indices is None else list(indices)
-    if indices and max(indices) >= len(reader):
-        raise ValueError(f"{path} has {len(reader)} frames, frame {max(indices)} requested")
-    return reader.get_batch(indices).asnumpy()
+    PyAV through ``infra.data.decode``: decord 0.6.0 returns shifted pixels for widths such as 720 (city) and
+    fails on small ones (48), while PyAV matches a plain sequential decode.
+    """
+    from infra.data.decode import TruncatedVideo, open_video
+
+    source = open_video(Path(path).read_bytes(), "pyav")
+    try:
+        if indices is None:
+            return source.get_all()
+        try:
+            return source.get(list(indices))
+        except TruncatedVideo as err:
+            raise ValueError(f"{path}: not enough frames for the requested indices ({err})") from err
+    finally:
+        source.close()
 
 
 def frames_to_tensor(frames: "np.ndarray") -> "torch.Tensor":

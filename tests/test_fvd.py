@@ -179,3 +179,44 @@ def test_fvd_grows_with_blur_on_real_footage(tmp_path):
     assert all(a < b for a, b in zip(distances, distances[1:])), distances
     assert distances[-1] > 100, distances
     print(f"FVD blur 0/1/2/4: {distances}, {elapsed:.1f}s")
+
+
+def _write_mp4(path, frames):
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def test_fvd_cli_on_folders(tmp_path):
+    from tools.fvd import collect_videos, main
+
+    rng = np.random.default_rng(0)
+    for folder, offset in (("real", 0), ("fake", 90)):
+        (tmp_path / folder).mkdir()
+        for i in range(2):
+            frames = np.clip(rng.integers(0, 120, size=(34, 32, 48, 3)) + offset + 20 * i, 0, 255).astype(np.uint8)
+            _write_mp4(tmp_path / folder / f"v{i}.mp4", frames)
+    assert [p.name for p in collect_videos([tmp_path / "real"])] == ["v0.mp4", "v1.mp4"]
+    out = tmp_path / "fvd.json"
+    features = I3DFeatures(model=TinyFeatures(), cache_dir=tmp_path / "cache")
+    args = ["--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--clips-per-video", "3",
+            "--out", str(out)]
+    result = main(args, features=features)
+    import json
+
+    assert json.loads(out.read_text()) == result
+    assert result["num_real_clips"] == 4 and result["num_fake_clips"] == 4  # 34 frames -> 2 clips each
+    assert result["fvd"] > 0
+    same = main(["--real", str(tmp_path / "real"), "--fake", str(tmp_path / "real")], features=features)
+    assert same["fvd"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="at least 2"):
+        main(["--real", str(tmp_path / "real" / "v0.mp4"), "--fake", str(tmp_path / "fake")], features=features)
+    with pytest.raises(FileNotFoundError):
+        main(["--real", str(tmp_path / "nothing"), "--fake", str(tmp_path / "fake")], features=features)
