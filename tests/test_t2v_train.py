@@ -39,7 +39,7 @@ def make_t2v_assets(root: Path) -> Path:
         "data": {"video_roots": str(root / "data"), "image_prob": 0.0, "num_frames": 9, "fps": 8, "height": 32,
                  "width": 32, "video_batch_size": 4, "decoder": "pyav"},
         "first_stage": {"kind": "ssvae", "path": str(root / "vae")},
-        "text_encoder": {"kind": "minilm", "max_length": 16},
+        "text_encoder": {"kind": "minilm", "max_length": 24},
         "model": {"preset": "tiny"},
         "diffusion": {"schedule": {"snr_shift_scale": 1.0}, "caption_dropout": 0.1},
         "optimizer": {"lr": 1e-3, "warmup_steps": 0},
@@ -137,7 +137,7 @@ def test_tiny_run_loss_falls_and_writes_samples_and_export(whole_run):
     assert sorted(losses) == list(range(1, STEPS + 1))
     values = [losses[s] for s in sorted(losses)]
     first, last = np.mean(values[:5]), np.mean(values[-5:])
-    assert last < 0.7 * first, (first, last, values)
+    assert last < 0.8 * first, (first, last, values)
     for step in (STEPS // 2, STEPS):
         videos = sorted((whole_run / f"samples/step_{step:06d}").glob("*.mp4"))
         assert [v.name for v in videos] == ["prompt_00.mp4", "prompt_01.mp4"]
