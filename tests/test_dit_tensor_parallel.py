@@ -1,0 +1,137 @@
+"""Tensor parallelism: 2 gloo processes give the single-process outputs and gradients, with the plain-torch
+backend always and with megatron-core when it is installed."""
+
+import importlib.util
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+HAVE_MEGATRON = importlib.util.find_spec("megatron") is not None and importlib.util.find_spec("megatron.core") is not None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, backend: str) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        tp_group = None
+        if backend == "megatron":
+            from dit.tensor_parallel import init_megatron_parallel_state
+
+            init_megatron_parallel_state(WORLD)  # apply_tensor_parallel then takes its TP group
+        # One spawn for both position kinds: process start-up dominates the time.
+        for positional_embedding, use_mask in [("rope", False), ("sincos", True)]:
+            _check(backend, tp_group, positional_embedding, use_mask)
+    finally:
+        if backend == "megatron":
+            from megatron.core import parallel_state
+
+            parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def _check(backend: str, tp_group, positional_embedding: str, use_mask: bool) -> None:
+    from dit import CogVideoXTransformer, DiTConfig
+    from dit.tensor_parallel import apply_tensor_parallel, gather_tensor_parallel_state_dict, is_tensor_parallel
+
+    rank = dist.get_rank()
+    torch.manual_seed(0)  # same weights and inputs on both ranks
+    config = DiTConfig.preset("tiny", positional_embedding=positional_embedding, patch_size=1)
+    reference = CogVideoXTransformer(config)
+    parallel = CogVideoXTransformer(config)
+    parallel.load_state_dict(reference.state_dict())
+    apply_tensor_parallel(parallel, tp_group, backend=backend)
+    latents, text = torch.randn(2, 2, 16, 4, 4), torch.randn(2, 8, 32)
+    timestep = torch.tensor([3, 800])
+    mask = None
+    if use_mask:
+        mask = torch.ones(2, 8, dtype=torch.bool)
+        mask[0, 5:] = False
+    target = torch.randn_like(latents)
+
+    # The model really is sharded: half the heads and half of each sharded weight per rank.
+    attn = parallel.transformer_blocks[0].attn1
+    assert attn.heads == config.num_attention_heads // WORLD
+    assert attn.to_q.weight.shape == (config.inner_dim // WORLD, config.inner_dim)
+    assert parallel.transformer_blocks[0].ff.net[2].weight.shape == (config.inner_dim, 4 * config.inner_dim // WORLD)
+
+    expected = reference(latents, text, timestep, text_mask=mask)
+    (expected - target).square().mean().backward()
+    got = parallel(latents, text, timestep, text_mask=mask)
+    (got - target).square().mean().backward()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+    # Replicated parameters (QK norms included) get the full gradient on every rank; sharded ones this
+    # rank's slice of it.
+    dense = dict(reference.named_parameters())
+    sharded = 0
+    for name, p in parallel.named_parameters():
+        want = dense[name].grad
+        if is_tensor_parallel(p):
+            want = want.chunk(WORLD, dim=p.partition_dim)[rank]
+            sharded += 1
+        torch.testing.assert_close(p.grad, want, atol=1e-5, rtol=1e-4, msg=f"{backend} {positional_embedding}: {name}")
+    assert sharded == config.num_layers * (3 * 2 + 1 + 2 + 1)  # q, k, v weight+bias; to_out.0 weight; ff.0 w+b; ff.2 weight
+
+    # The gathered state dict is the dense one and loads into a fresh dense model.
+    gathered = gather_tensor_parallel_state_dict(parallel)
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(gathered[name], value, atol=0, rtol=0, msg=name)
+    CogVideoXTransformer(config).load_state_dict(gathered)
+
+
+def _spawn(backend: str) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    mp.spawn(_worker, args=(_free_port(), backend), nprocs=WORLD, join=True)
+
+
+def test_torch_tensor_parallel_matches_single_process():
+    _spawn("torch")
+
+
+@pytest.mark.skipif(not HAVE_MEGATRON, reason="megatron-core not installed (pip install -e .[megatron])")
+def test_megatron_tensor_parallel_matches_single_process():
+    pytest.importorskip("megatron.core")
+    _spawn("megatron")
+
+
+def test_megatron_missing_says_how_to_install(monkeypatch):
+    import sys
+
+    from dit import CogVideoXTransformer, DiTConfig
+    from dit import tensor_parallel
+
+    tensor_parallel._megatron.cache_clear()
+    monkeypatch.setitem(sys.modules, "megatron", None)  # makes `import megatron...` raise ImportError
+    monkeypatch.setitem(sys.modules, "megatron.core", None)
+    try:
+        with pytest.raises(ImportError, match=r"pip install -e \.\[megatron\]"):
+            tensor_parallel.apply_tensor_parallel(CogVideoXTransformer(DiTConfig.preset("tiny")))
+    finally:
+        tensor_parallel._megatron.cache_clear()
+
+
+def test_refuses_bad_backend_and_dropout():
+    from dit import CogVideoXTransformer, DiTConfig
+    from dit.tensor_parallel import apply_tensor_parallel
+
+    model = CogVideoXTransformer(DiTConfig.preset("tiny"))
+    with pytest.raises(ValueError, match="backend"):
+        apply_tensor_parallel(model, backend="deepspeed")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="dropout"):
+            apply_tensor_parallel(CogVideoXTransformer(DiTConfig.preset("tiny", dropout=0.1)), backend="torch")
+    finally:
+        dist.destroy_process_group()
