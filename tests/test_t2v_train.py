@@ -66,7 +66,7 @@ def run_t2v(config: Path, out: Path, *overrides: str, launcher: str = "python", 
     args = ["--config", str(config), f"run.output_dir={out}", *overrides]
     if launcher == "python":
         cmd = [sys.executable, "-m", "dit.train", *args]
-    else:  # the deepspeed launcher on CPU: --num_gpus 1 runs one local process (see the module docstring)
+    else:  # the deepspeed launcher works on CPU (DeepSpeed 0.19.8) with --num_gpus 1: one local process, gloo
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", _port(),
                "--module", "dit.train", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
