@@ -257,6 +257,67 @@ def apply_tensor_parallel(model: nn.Module, tp_group=None, backend: str = "megat
     return model
 
 
+def tensor_data_parallel_groups(tensor_parallel_size: int):
+    """(tp_group, dp_group) of this rank on the default process group, in Megatron's layout: consecutive
+    ranks form a TP group (keep them on one node), ranks with the same TP rank form a DP group. Collective:
+    every rank must call it (torch.distributed.new_group is)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if tensor_parallel_size <= 0 or world % tensor_parallel_size:
+        raise ValueError(f"tensor_parallel_size {tensor_parallel_size} must divide the world size {world}")
+    tp_group = dp_group = None
+    for first in range(0, world, tensor_parallel_size):
+        group = dist.new_group(list(range(first, first + tensor_parallel_size)))
+        if first <= rank < first + tensor_parallel_size:
+            tp_group = group
+    for tp_rank in range(tensor_parallel_size):
+        group = dist.new_group(list(range(tp_rank, world, tensor_parallel_size)))
+        if rank % tensor_parallel_size == tp_rank:
+            dp_group = group
+    return tp_group, dp_group
+
+
+class DeepSpeedMPU:
+    """The model-parallel-unit object ``deepspeed.initialize(..., mpu=...)`` takes: DeepSpeed then averages
+    gradients (and shards ZeRO states) over dp_group only, and counts sharded parameters (those with
+    ``tensor_model_parallel``) across the TP group in the gradient norm. megatron-core's parallel_state lacks
+    the ``get_model_parallel_rank/world_size`` names DeepSpeed calls, hence this adapter for both backends."""
+
+    def __init__(self, tp_group, dp_group):
+        self.tp_group, self.dp_group = tp_group, dp_group
+
+    def get_tensor_model_parallel_group(self):
+        return self.tp_group
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return dist.get_rank(self.tp_group)
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return dist.get_world_size(self.tp_group)
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return dist.get_global_rank(self.tp_group, 0)
+
+    # No pipeline parallelism: the model-parallel group is the TP group.
+    get_model_parallel_group = get_tensor_model_parallel_group
+    get_model_parallel_rank = get_tensor_model_parallel_rank
+    get_model_parallel_world_size = get_tensor_model_parallel_world_size
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_data_parallel_group(self):
+        return self.dp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return dist.get_rank(self.dp_group)
+
+    def get_data_parallel_world_size(self) -> int:
+        return dist.get_world_size(self.dp_group)
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(self.dp_group)
+
+
 def is_tensor_parallel(param: torch.Tensor) -> bool:
     """Whether param is this rank's shard of a larger tensor (else it is replicated over the TP group)."""
     return bool(getattr(param, "tensor_model_parallel", False))

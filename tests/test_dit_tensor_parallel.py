@@ -102,8 +102,66 @@ def test_torch_tensor_parallel_matches_single_process():
 
 @pytest.mark.skipif(not HAVE_MEGATRON, reason="megatron-core not installed (pip install -e .[megatron])")
 def test_megatron_tensor_parallel_matches_single_process():
-    pytest.importorskip("megatron.core")
+    # Not importorskip: importing megatron.core here would cost the parent its ~10 s import for nothing.
     _spawn("megatron")
+
+
+def _deepspeed_worker(rank: int, port: int) -> None:
+    """TP 2 x DP 1 under a ZeRO-2 engine that gets the groups through DeepSpeedMPU: the global gradient norm
+    (clipping) and the step equal the dense single-process ones."""
+    os.environ.update(OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        import deepspeed
+
+        from dit import CogVideoXTransformer, DiTConfig
+        from dit.tensor_parallel import (DeepSpeedMPU, apply_tensor_parallel, gather_tensor_parallel_state_dict,
+                                         tensor_data_parallel_groups)
+        from infra.config import DeepSpeedConfig, OptimizerConfig
+        from infra.engine import deepspeed_config
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # plain gloo, no g++ build
+        tp_group, dp_group = tensor_data_parallel_groups(WORLD)
+        assert dist.get_world_size(tp_group) == WORLD and dist.get_world_size(dp_group) == 1
+
+        torch.manual_seed(0)
+        config = DiTConfig.preset("tiny", patch_size=1)
+        reference = CogVideoXTransformer(config)
+        parallel = CogVideoXTransformer(config)
+        parallel.load_state_dict(reference.state_dict())
+        apply_tensor_parallel(parallel, tp_group, backend="torch")
+        opt = OptimizerConfig(type="adamw", lr=1e-3, weight_decay=0.01)
+        ds = DeepSpeedConfig(zero_stage=2, gradient_clipping=1e-3)  # small: clipping is active
+        mpu = DeepSpeedMPU(tp_group, dp_group)
+        engine, _, _, _ = deepspeed.initialize(
+            model=parallel, model_parameters=list(parallel.parameters()), mpu=mpu,
+            config=deepspeed_config(ds, opt, world_size=mpu.get_data_parallel_world_size(), use_fused=False))
+        latents, text, timestep = torch.randn(2, 2, 16, 4, 4), torch.randn(2, 8, 32), torch.tensor([3, 800])
+        target = torch.randn_like(latents)
+
+        (reference(latents, text, timestep) - target).square().mean().backward()
+        norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), ds.gradient_clipping)
+        dense_opt = torch.optim.AdamW(reference.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps,
+                                      weight_decay=opt.weight_decay)
+        dense_opt.step()
+        engine.backward((engine(latents, text, timestep) - target).square().mean())
+        engine.step()
+
+        # Replicated parameters counted once, shards summed over the TP group.
+        torch.testing.assert_close(torch.as_tensor(engine.get_global_grad_norm()).float(), norm, rtol=1e-4, atol=0)
+        gathered = gather_tensor_parallel_state_dict(engine.module)
+        for name, value in reference.state_dict().items():
+            torch.testing.assert_close(gathered[name], value, atol=1e-6, rtol=1e-5, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_deepspeed_zero2_with_tensor_parallel_matches_dense_step():
+    pytest.importorskip("deepspeed")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    mp.spawn(_deepspeed_worker, args=(_free_port(),), nprocs=WORLD, join=True)
 
 
 def test_megatron_missing_says_how_to_install(monkeypatch):
