@@ -82,8 +82,8 @@ def test_latent_loader_resumes_and_follows_the_shard_loader_plan(t2v_config, cac
     for batch in batches:  # the same samples, step by step, as the on-the-fly loader
         assert [m["key"] for m in batch["meta"]] == [m["key"] for m in next(shards)["meta"]]
     # Two ranks share out one epoch (8 samples = 2 steps x 2 ranks x 2) without a duplicate.
-    keys = [m["key"] for rank in (0, 1) for b in [next(iter(build_latent_loader(cache, 2, rank, 2, seed=1, start_batch=s)))
-                                                   for s in (0, 1)] for m in b["meta"]]
+    keys = [m["key"] for rank in (0, 1) for step in (0, 1)
+            for m in next(iter(build_latent_loader(cache, 2, rank, 2, seed=1, start_batch=step)))["meta"]]
     assert sorted(keys) == [f"v{i:07d}" for i in range(8)]
 
 
