@@ -7,9 +7,11 @@ runs in its own spawned process so that the CPU peak (max RSS) of one does not h
     python bench/bench_vae.py --frames 5 --size 64    # quick check
     python bench/bench_vae.py --models ssvae --threads 2
 
-Prints one JSON object. Numbers seen (2-core shared CPU, fp32, 1x3x17x256x256, one run each, see the report in
-the commit log of this file for the run): reference SSVAE implementation encode 42 s / decode 65 s, diffusers
-Wan 2.2 26 s / 123 s, CogVideoX 68 s / 151 s (from ../shared/ENVIRONMENT.md).
+Prints one JSON object. Numbers seen (2-core CPU, fp32, 1x3x17x256x256, one run each): reference SSVAE
+implementation encode 42 s / decode 65 s, diffusers Wan 2.2 26 s / 123 s, CogVideoX 68 s / 151 s (from
+../shared/ENVIRONMENT.md, idle machine). This SSVAE, one run with --models ssvae --threads 2 while ~7 other jobs
+shared the 2 cores (load average 8-10, so not comparable): encode 106 s (peak RSS 3.3 GB), decode 340 s (3.9 GB).
+Rerun on an idle machine, with the other models in the same run, before comparing.
 """
 
 from __future__ import annotations
