@@ -1,0 +1,192 @@
+"""The schema of a convergence study (configs/study/*.yaml) and of the main job (configs/pipeline/*.yaml).
+
+A study trains (or loads) one first stage per variant, measures it, trains the same DiT with the same seeds and
+budget on each, and scores the DiT's periodic samples of fixed prompts. The VAE and DiT runs are the existing
+entry points (``vae.train``, ``dit.train``) on their own YAMLs plus ``key=value`` overrides; the study only says
+which overrides each variant adds. Every composed run config is validated before anything runs.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from infra.config import MISSING, check
+from infra.footage import CLIP_NAMES
+from tools.unified_reward import UnifiedRewardConfig
+from vae.first_stage import FIRST_STAGE_KINDS
+
+LAUNCHERS = ("python", "deepspeed")
+REWARDS = ("caption", "unified")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass
+class DefaultDataConfig:
+    """One procedurally generated captioned set (``tools.make_default_data``)."""
+
+    num_videos: int = 64
+    num_images: int = 64
+    size: int = 64
+    frames: int = 17
+    fps: float = 8.0
+    seed: int = 0
+
+    def validate(self, prefix: str = "default_data") -> None:
+        check(self.num_videos >= 0 and self.num_images >= 0, f"{prefix}.num_videos/num_images", "must be >= 0")
+        check(self.size >= 16 and self.size % 2 == 0, f"{prefix}.size", f"must be even and >= 16, got {self.size}")
+        check(self.frames >= 1, f"{prefix}.frames", "must be >= 1")
+        check(self.fps > 0, f"{prefix}.fps", "must be > 0")
+
+
+@dataclass
+class StudyDataConfig:
+    """The data the study makes under ``<output_dir>/data``: the default set, real footage shards, held-out clips."""
+
+    default: DefaultDataConfig = field(default_factory=DefaultDataConfig)
+    real_footage: bool = True  # pack infra.footage clips into real_train / real_heldout shards
+    heldout_clips: list[str] = field(default_factory=lambda: ["city"])  # real clips the VAE never trains on
+    # Point the VAE runs (data.video_roots/image_roots, eval.video_roots) and the DiT runs (data.video_roots) at the
+    # generated data. Off at full scale, where vae/t2v overrides name the user's shard folders.
+    wire_roots: bool = True
+
+    def validate(self, prefix: str = "data") -> None:
+        unknown = sorted(set(self.heldout_clips) - set(CLIP_NAMES))
+        check(not unknown, f"{prefix}.heldout_clips", f"unknown clip(s) {unknown}; known: {list(CLIP_NAMES)}")
+
+
+@dataclass
+class PromptsConfig:
+    """The fixed prompts every DiT samples: captions of a held-out default set (another seed), with their truths."""
+
+    num_prompts: int = 8
+    seed: int = 1000  # generation seed of the held-out set; must differ from data.default.seed
+
+    def validate(self, prefix: str = "prompts") -> None:
+        check(self.num_prompts >= 1, f"{prefix}.num_prompts", f"must be >= 1, got {self.num_prompts}")
+
+
+@dataclass
+class LauncherConfig:
+    """How the trainings start: plainly (``python -m``) or through the ``deepspeed`` launcher."""
+
+    kind: str = "python"
+    num_gpus: int = 1  # processes of the deepspeed launcher (1 on CPU)
+    omp_threads: int = 0  # OMP_NUM_THREADS of the child processes; 0 leaves the environment's
+
+    def validate(self, prefix: str = "launcher") -> None:
+        check(self.kind in LAUNCHERS, f"{prefix}.kind", f"must be one of {LAUNCHERS}, got {self.kind!r}")
+        check(self.num_gpus >= 1, f"{prefix}.num_gpus", "must be >= 1")
+        check(self.omp_threads >= 0, f"{prefix}.omp_threads", "must be >= 0")
+
+
+@dataclass
+class RunTemplateConfig:
+    """A training entry point's YAML plus overrides every variant shares."""
+
+    config: str = MISSING
+    overrides: list[str] = field(default_factory=list)
+
+    def validate(self, prefix: str = "") -> None:
+        check(Path(self.config).is_file(), f"{prefix}.config", f"{self.config} does not exist")
+        bad = [o for o in self.overrides if "=" not in o]
+        check(not bad, f"{prefix}.overrides", f"must be key=value, got {bad}")
+
+
+@dataclass
+class VariantConfig:
+    """One first stage under study."""
+
+    name: str = MISSING
+    kind: str = "ssvae"  # ssvae | wan | cogvideox
+    # An existing first-stage folder (SSVAE save_pretrained, or a diffusers Wan / CogVideoX VAE): not trained.
+    path: str = ""
+    vae_overrides: list[str] = field(default_factory=list)  # added to vae.overrides (e.g. loss.lmr.enabled=false)
+    t2v_overrides: list[str] = field(default_factory=list)  # added to t2v.overrides (e.g. first_stage.tile_size=256)
+
+    @property
+    def trains_vae(self) -> bool:
+        return not self.path
+
+    def validate(self, prefix: str = "variant") -> None:
+        check(bool(_NAME.match(self.name)), f"{prefix}.name", f"must be letters, digits, _ . - only, got {self.name!r}")
+        check(self.kind in FIRST_STAGE_KINDS, f"{prefix}.kind",
+              f"must be one of {FIRST_STAGE_KINDS}, got {self.kind!r}")
+        check(self.kind == "ssvae" or bool(self.path), f"{prefix}.path",
+              f"a {self.kind} first stage is not trained here: name its local folder")
+        check(not self.path or Path(self.path).is_dir(), f"{prefix}.path", f"{self.path} is not a folder")
+        for key in ("vae_overrides", "t2v_overrides"):
+            bad = [o for o in getattr(self, key) if "=" not in o]
+            check(not bad, f"{prefix}.{key}", f"must be key=value, got {bad}")
+
+
+@dataclass
+class MeasureConfig:
+    """Latent statistics, spectra and reconstruction quality of each frozen first stage."""
+
+    stats_clips: int = 16  # training clips the per-channel latent mean/std are measured on (stored with the model)
+    num_clips: int = 8  # held-out clips (real footage, then the prompt set) for spectra and reconstruction
+    frames: int = 9
+    size: int = 64
+    batch_size: int = 2
+    cutoff: float = 0.25  # low-frequency cut-off of tools.spectral
+    lpips: bool = True  # LPIPS (AlexNet) in the reconstruction table
+
+    def validate(self, prefix: str = "measure") -> None:
+        check(self.stats_clips >= 1 and self.num_clips >= 1, f"{prefix}.stats_clips/num_clips", "must be >= 1")
+        check((self.frames - 1) % 4 == 0, f"{prefix}.frames", f"must be 1 + 4k, got {self.frames}")
+        check(self.size >= 16 and self.size % 16 == 0, f"{prefix}.size", f"must be a multiple of 16, got {self.size}")
+        check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+        check(0 < self.cutoff <= 1, f"{prefix}.cutoff", "must be in (0, 1]")
+
+
+@dataclass
+class RewardConfig:
+    """How samples are scored and what counts as converged."""
+
+    kind: str = "caption"  # caption (tools.caption_reward, default data truths) | unified (tools.unified_reward)
+    # Reward a variant must reach; 0: threshold_fraction x the baseline's final mean reward.
+    threshold: float = 0.0
+    threshold_fraction: float = 0.9
+    unified: UnifiedRewardConfig = field(default_factory=UnifiedRewardConfig)
+
+    def validate(self, prefix: str = "reward") -> None:
+        check(self.kind in REWARDS, f"{prefix}.kind", f"must be one of {REWARDS}, got {self.kind!r}")
+        check(self.threshold >= 0, f"{prefix}.threshold", "must be >= 0")
+        check(0 < self.threshold_fraction <= 1, f"{prefix}.threshold_fraction", "must be in (0, 1]")
+        if self.kind == "unified":
+            check(Path(self.unified.model_path).is_dir(), f"{prefix}.unified.model_path",
+                  f"{self.unified.model_path!r} is not a local folder (the UnifiedReward Qwen2.5-VL model)")
+
+
+@dataclass
+class StudyConfig:
+    output_dir: str = "runs/study"
+    seeds: list[int] = field(default_factory=lambda: [0])  # one DiT training per variant and seed
+    baseline: str = "baseline"  # the variant speed-ups are measured against; "" when there is none (one variant)
+    data: StudyDataConfig = field(default_factory=StudyDataConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    vae: RunTemplateConfig = field(default_factory=lambda: RunTemplateConfig(config="configs/vae/tiny.yaml"))
+    t2v: RunTemplateConfig = field(default_factory=lambda: RunTemplateConfig(config="configs/t2v/tiny.yaml"))
+    cache_latents: bool = True  # encode the DiT data once per variant (tools.cache_latents)
+    variants: list[VariantConfig] = field(default_factory=list)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        check(len(self.variants) >= 1, "variants", "name at least one variant")
+        names = [v.name for v in self.variants]
+        check(len(set(names)) == len(names), "variants", f"names must be unique, got {names}")
+        check(not self.baseline or self.baseline in names, "baseline",
+              f"{self.baseline!r} is not a variant name ({names}); use '' for none")
+        check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "seeds",
+              f"must be a non-empty list of distinct integers, got {list(self.seeds)}")
+        check(self.prompts.seed != self.data.default.seed, "prompts.seed",
+              "must differ from data.default.seed (the prompts must be held out)")
+
+    def variant(self, name: str) -> VariantConfig:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise KeyError(name)

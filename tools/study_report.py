@@ -1,0 +1,204 @@
+"""The study's numbers and report: reward curves -> steps to a threshold, speed-up, final reward, relative gain.
+
+A reward curve is ``[(step, reward), ...]`` of one DiT run (one variant, one seed), sorted by step. With several
+seeds, the seed-mean curve (over the steps all seeds sampled) gives the headline numbers and the per-seed numbers give
+the spread:
+
+- ``steps_to_threshold``: the first sampled step whose reward is >= the threshold; None when never reached.
+- ``speed_up`` = baseline steps / variant steps. When the baseline never reaches the threshold but the variant does,
+  the speed-up is at least (baseline's last step / variant steps): reported with ``speed_up_lower_bound`` true.
+  When the variant never reaches it: None.
+- ``final``: the reward at each seed's last sampled step (mean, std, min, max); ``relative_gain`` =
+  (final mean - baseline final mean) / baseline final mean.
+
+The threshold is given, or ``fraction`` x the baseline's final mean reward (so "how much sooner does a variant reach
+90 % of what the baseline ends with").
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+Curve = list[tuple[int, float]]
+
+
+def steps_to_threshold(curve: Curve, threshold: float) -> Optional[int]:
+    for step, reward in sorted(curve):
+        if reward >= threshold:
+            return int(step)
+    return None
+
+
+def mean_curve(curves: list[Curve]) -> Curve:
+    """Mean reward per step over the steps every curve holds."""
+    if not curves:
+        return []
+    common = set.intersection(*({s for s, _ in c} for c in curves))
+    by_step = [dict(c) for c in curves]
+    return [(s, float(np.mean([d[s] for d in by_step]))) for s in sorted(common)]
+
+
+def _spread(values: list[float]) -> dict:
+    if not values:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    a = np.asarray(values, dtype=float)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "min": float(a.min()),
+            "max": float(a.max()), "n": len(a)}
+
+
+def _speed_up(base_steps: Optional[int], base_last: Optional[int], steps: Optional[int]) -> tuple[Optional[float], bool]:
+    """(speed-up, is a lower bound) of a variant needing ``steps`` against a baseline needing ``base_steps``."""
+    if steps is None or steps <= 0:
+        return None, False
+    if base_steps is not None:
+        return base_steps / steps, False
+    if base_last is not None:
+        return base_last / steps, True
+    return None, False
+
+
+def reward_summary(curves: dict[str, dict[int, Curve]], baseline: str = "", threshold: float = 0.0,
+                   fraction: float = 0.9) -> dict:
+    """Numbers per variant from ``{variant: {seed: curve}}``; see the module docstring."""
+    means = {v: mean_curve(list(seeds.values())) for v, seeds in curves.items()}
+    finals = {v: {seed: c[-1][1] for seed, c in seeds.items() if c} for v, seeds in curves.items()}
+    base_final = _spread(list(finals[baseline].values()))["mean"] if baseline in curves else None
+    if threshold <= 0:
+        reference = base_final if base_final is not None else max(
+            (_spread(list(f.values()))["mean"] or 0.0 for f in finals.values()), default=0.0)
+        threshold = fraction * reference
+    base = {"steps": steps_to_threshold(means[baseline], threshold) if baseline in curves else None,
+            "last": means[baseline][-1][0] if baseline in curves and means[baseline] else None,
+            "per_seed": {s: steps_to_threshold(c, threshold) for s, c in curves.get(baseline, {}).items()},
+            "last_per_seed": {s: c[-1][0] for s, c in curves.get(baseline, {}).items() if c}}
+    out = {"threshold": threshold, "baseline": baseline or None, "variants": {}}
+    for variant, seeds in curves.items():
+        steps = steps_to_threshold(means[variant], threshold)
+        speed_up, lower = _speed_up(base["steps"], base["last"], steps) if baseline in curves else (None, False)
+        per_seed_steps = {s: steps_to_threshold(c, threshold) for s, c in seeds.items()}
+        per_seed_speed = {}
+        for s, n in per_seed_steps.items():
+            if baseline in curves and s in base["per_seed"]:
+                value, _ = _speed_up(base["per_seed"][s], base["last_per_seed"].get(s), n)
+                if value is not None:
+                    per_seed_speed[s] = value
+        final = _spread(list(finals[variant].values()))
+        gain = None
+        if base_final is not None and final["mean"] is not None and base_final != 0:
+            gain = (final["mean"] - base_final) / abs(base_final)
+        reached = [n for n in per_seed_steps.values() if n is not None]
+        out["variants"][variant] = {
+            "steps_to_threshold": steps,
+            "speed_up": speed_up,
+            "speed_up_lower_bound": lower,
+            "seeds_reaching": len(reached),
+            "seeds": len(seeds),
+            "steps_per_seed": {str(s): n for s, n in per_seed_steps.items()},
+            "steps_spread": _spread(reached),
+            "speed_up_per_seed": {str(s): v for s, v in per_seed_speed.items()},
+            "speed_up_spread": _spread(list(per_seed_speed.values())),
+            "final": final,
+            "relative_gain": gain,
+            "mean_curve": [[s, r] for s, r in means[variant]],
+        }
+    return out
+
+
+# -------------------------------------------------------------------------------------------------------- output
+def plot_rewards(curves: dict[str, dict[int, Curve]], threshold: float, path: str | Path) -> Path:
+    """Reward versus step per variant: seed mean, with the min-max band over seeds when there are several."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for variant, seeds in curves.items():
+        mean = mean_curve(list(seeds.values()))
+        if not mean:
+            continue
+        xs = [s for s, _ in mean]
+        line, = ax.plot(xs, [r for _, r in mean], marker="o", markersize=3, label=f"{variant} ({len(seeds)} seeds)")
+        if len(seeds) > 1:
+            rows = [dict(c) for c in seeds.values()]
+            low = [min(r[s] for r in rows) for s in xs]
+            high = [max(r[s] for r in rows) for s in xs]
+            ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15)
+    if threshold > 0:
+        ax.axhline(threshold, color="gray", linestyle=":", linewidth=1, label=f"threshold {threshold:.3f}")
+    ax.set_xlabel("DiT training step")
+    ax.set_ylabel("reward")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _fmt(value, digits: int = 3, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, int):
+        return f"{value}{suffix}"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def _pm(spread: dict, digits: int = 3) -> str:
+    if spread.get("mean") is None:
+        return "-"
+    if spread["n"] > 1:
+        return f"{spread['mean']:.{digits}f} ± {spread['std']:.{digits}f} (n={spread['n']})"
+    return f"{spread['mean']:.{digits}f}"
+
+
+def markdown_tables(summary: dict, measures: dict[str, dict], walls: dict[str, dict]) -> str:
+    """The convergence table and the first-stage table (``measures[variant]`` from the study's measure stage)."""
+    lines = [f"Threshold: reward >= {summary['threshold']:.4f}"
+             + (f" (baseline: {summary['baseline']})" if summary["baseline"] else ""), "",
+             "| variant | steps to threshold | speed-up | final reward | relative gain | seeds reaching |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for variant, row in summary["variants"].items():
+        steps = _fmt(row["steps_to_threshold"])
+        if row["steps_spread"]["n"] > 1:
+            steps += f" (per seed {_pm(row['steps_spread'], 0)})"
+        speed = _fmt(row["speed_up"], 2, "x")
+        if row["speed_up_lower_bound"] and row["speed_up"] is not None:
+            speed = ">= " + speed
+        if row["speed_up_spread"]["n"] > 1:
+            speed += f" (per seed {_pm(row['speed_up_spread'], 2)})"
+        gain = "-" if row["relative_gain"] is None else f"{100 * row['relative_gain']:+.1f} %"
+        lines.append(f"| {variant} | {steps} | {speed} | {_pm(row['final'])} | {gain} | "
+                     f"{row['seeds_reaching']}/{row['seeds']} |")
+    lines += ["", "| variant | rec. PSNR (dB) | SSIM | LPIPS | low-freq ratio | temporal low-freq ratio | "
+              "effective rank | top-4 share | mean kurtosis | VAE train (s) | DiT train (s, per seed) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for variant, m in measures.items():
+        rec, spec, wall = m.get("reconstruction_mean", {}), m.get("spectral", {}), walls.get(variant, {})
+        lines.append(
+            f"| {variant} | {_fmt(rec.get('psnr'), 2)} | {_fmt(rec.get('ssim'))} | {_fmt(rec.get('lpips'))} | "
+            f"{_fmt(spec.get('low_freq_ratio'), 2)} | {_fmt(spec.get('temporal_low_freq_ratio'), 2)} | "
+            f"{_fmt(spec.get('effective_rank'), 1)} | {_fmt(spec.get('top_4_share'))} | "
+            f"{_fmt(spec.get('mean_kurtosis'), 2)} | {_fmt(wall.get('vae'), 0)} | {_fmt(wall.get('dit'), 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: str | Path, title: str, summary: dict, curves: dict[str, dict[int, Curve]],
+                 measures: dict[str, dict], walls: dict[str, dict], sections: list[str] = ()) -> dict[str, Path]:
+    """``report.md``, ``report.json`` and ``reward_vs_step.png`` under ``out_dir``; extra markdown ``sections``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot_rewards(curves, summary["threshold"], out / "reward_vs_step.png")
+    data = {"summary": summary, "curves": {v: {str(s): c for s, c in seeds.items()} for v, seeds in curves.items()},
+            "first_stages": measures, "wall_s": walls}
+    (out / "report.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    md = [f"# {title}", "", f"![reward versus step]({png.name})", "", markdown_tables(summary, measures, walls),
+          *sections]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    return {"markdown": out / "report.md", "json": out / "report.json", "plot": png}
