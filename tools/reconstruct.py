@@ -326,8 +326,10 @@ def reconstruct_clips(first_stage: nn.Module, clips: Iterable[Clip | tuple], *, 
         recon = first_stage.decode(first_stage.encode(x[None]))[0].float().clamp(-1, 1)
         if recon.shape != x.shape:
             raise RuntimeError(f"{clip.name}: the first stage returned {tuple(recon.shape)} for {tuple(x.shape)}")
+        # PSNR and SSIM in float64 on the CPU (their filter windows live there); LPIPS where the model is.
+        x_cpu, recon_cpu = x[None].cpu(), recon[None].cpu()
         row = {"name": clip.name, "frames": x.shape[1], "height": x.shape[2], "width": x.shape[3],
-               "psnr": float(psnr(x[None], recon[None])[0]), "ssim": float(ssim(x[None], recon[None])[0]),
+               "psnr": float(psnr(x_cpu, recon_cpu)[0]), "ssim": float(ssim(x_cpu, recon_cpu)[0]),
                "lpips": lpips_of_video(lpips, x, recon)}
         if features is not None:
             real_feats.append(features(split_windows(x)))
