@@ -186,7 +186,7 @@ def iter_video_sources(inputs: Sequence[str | Path]) -> Iterator[tuple[str, byte
         if item.is_file() and item.suffix.lower() != ".tar":
             yield _safe_name(item.stem), item.read_bytes()
             continue
-        if item.is_dir() and not find_shards(str(item)):
+        if item.is_dir() and not find_shards([str(item)]):
             files = sorted(p for p in item.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
             if not files:
                 raise ValueError(f"folder {item} holds no video files ({', '.join(VIDEO_SUFFIXES)}) and no .tar shards")
@@ -195,7 +195,7 @@ def iter_video_sources(inputs: Sequence[str | Path]) -> Iterator[tuple[str, byte
             continue
         skips, reader = SkipCounter(), ShardReader()
         try:
-            records = index_shards(str(item), "video", skips)
+            records = index_shards([str(item)], "video", skips)  # a list: commas in paths stay
             if not records:
                 raise ValueError(f"{item} holds no usable video samples (skipped: {dict(skips.counts)})")
             for record in records:
