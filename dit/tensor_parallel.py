@@ -204,9 +204,11 @@ def _parallel_linear(linear: nn.Linear, kind: str, group, backend: str) -> nn.Mo
 
 
 def _replicated_norm(norm: nn.LayerNorm, group) -> ReplicatedLayerNorm:
-    out = ReplicatedLayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=norm.weight is not None,
-                              bias=norm.bias is not None, device=norm.weight.device if norm.weight is not None else None,
-                              dtype=norm.weight.dtype if norm.weight is not None else None)
+    out = ReplicatedLayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=norm.elementwise_affine,
+                              bias=norm.bias is not None)
+    first = next(norm.parameters(), None)
+    if first is not None:
+        out.to(first.device, first.dtype)
     out.load_state_dict(norm.state_dict())
     out.group = group
     return out
@@ -242,7 +244,8 @@ def apply_tensor_parallel(model: nn.Module, tp_group=None, backend: str = "megat
     for module in list(model.modules()):
         if isinstance(module, Attention):
             if module.heads % world:
-                raise ValueError(f"tensor parallelism over {world} ranks needs heads divisible by it, got {module.heads}")
+                raise ValueError(f"tensor parallelism over {world} ranks needs heads divisible by it, "
+                                 f"got {module.heads}")
             for name in ("to_q", "to_k", "to_v"):
                 setattr(module, name, _parallel_linear(getattr(module, name), "column", tp_group, backend))
             module.to_out[0] = _parallel_linear(module.to_out[0], "row", tp_group, backend)

@@ -11,7 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 WORLD = 2
-HAVE_MEGATRON = importlib.util.find_spec("megatron") is not None and importlib.util.find_spec("megatron.core") is not None
+# find_spec, not an import: importing megatron.core costs ~10 s that only the spawned workers need to pay.
+HAVE_MEGATRON = importlib.util.find_spec("megatron") is not None \
+    and importlib.util.find_spec("megatron.core") is not None
 
 
 def _free_port() -> int:
@@ -82,7 +84,8 @@ def _check(backend: str, tp_group, positional_embedding: str, use_mask: bool) ->
             want = want.chunk(WORLD, dim=p.partition_dim)[rank]
             sharded += 1
         torch.testing.assert_close(p.grad, want, atol=1e-5, rtol=1e-4, msg=f"{backend} {positional_embedding}: {name}")
-    assert sharded == config.num_layers * (3 * 2 + 1 + 2 + 1)  # q, k, v weight+bias; to_out.0 weight; ff.0 w+b; ff.2 weight
+    # Per block: q, k, v weight + bias; to_out.0 weight; ff.net.0.proj weight + bias; ff.net.2 weight.
+    assert sharded == config.num_layers * (3 * 2 + 1 + 2 + 1)
 
     # The gathered state dict is the dense one and loads into a fresh dense model.
     gathered = gather_tensor_parallel_state_dict(parallel)
@@ -102,7 +105,6 @@ def test_torch_tensor_parallel_matches_single_process():
 
 @pytest.mark.skipif(not HAVE_MEGATRON, reason="megatron-core not installed (pip install -e .[megatron])")
 def test_megatron_tensor_parallel_matches_single_process():
-    # Not importorskip: importing megatron.core here would cost the parent its ~10 s import for nothing.
     _spawn("megatron")
 
 
