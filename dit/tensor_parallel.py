@@ -138,7 +138,7 @@ def _megatron():
 
     class TensorOut:
         def forward(self, x):
-            out, bias = super().forward(x)  # bias is not None only with skip_bias_add, which we do not set
+            out, _ = super().forward(x)  # the second item is a bias only with skip_bias_add, not set here
             return out
 
     class Column(TensorOut, MColumn):
