@@ -200,6 +200,7 @@ class Study:
 
         def train() -> dict:
             path = vdir / "vae.yaml"
+            path.parent.mkdir(parents=True, exist_ok=True)
             save_config(cfg, path)
             self.launch("vae.train", path, vdir / "logs" / "vae.log")
             return {"model": str(Path(cfg.run.output_dir) / "model"), "trained": True,
