@@ -177,7 +177,7 @@ def markdown_tables(summary: dict, measures: dict[str, dict], walls: dict[str, d
         lines.append(f"| {variant} | {steps} | {speed} | {_pm(row['final'])} | {gain} | "
                      f"{row['seeds_reaching']}/{row['seeds']} |")
     lines += ["", "| variant | rec. PSNR (dB) | SSIM | LPIPS | low-freq ratio | temporal low-freq ratio | "
-              "effective rank | top-4 share | mean kurtosis | VAE train (s) | DiT train (s, per seed) |",
+              "effective rank | top-4 share | mean kurtosis | VAE train (s) | DiT train (s, mean per seed) |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for variant, m in measures.items():
         rec, spec, wall = m.get("reconstruction_mean", {}), m.get("spectral", {}), walls.get(variant, {})

@@ -1,0 +1,233 @@
+"""The convergence study: resumable stages, the report's numbers on constructed curves, config validation."""
+import json
+import math
+
+import pytest
+
+from infra.config import ConfigError, load_config
+from tools.stages import StageRunner, config_hash
+from tools.study_config import StudyConfig
+from tools.study_report import mean_curve, reward_summary, steps_to_threshold, write_report
+
+# ------------------------------------------------------------------------------------------------------- stages
+
+
+def test_stage_runs_once_then_is_skipped(tmp_path):
+    calls = []
+
+    def work():
+        calls.append(1)
+        return {"value": len(calls)}
+
+    runner = StageRunner(tmp_path / "stages")
+    first = runner.run("a/train", {"lr": 1}, work)
+    again = StageRunner(tmp_path / "stages").run("a/train", {"lr": 1}, work)  # a fresh process, same folder
+    assert calls == [1]
+    assert not first.skipped and again.skipped
+    assert again.outputs == {"value": 1} and again.hash == first.hash
+    marker = json.loads((tmp_path / "stages" / "a__train.json").read_text())
+    assert marker["status"] == "done" and marker["config"] == {"lr": 1}
+
+
+def test_changed_config_reruns_and_cleans(tmp_path):
+    out = tmp_path / "run"
+    runner = StageRunner(tmp_path / "stages")
+
+    def work():
+        out.mkdir(exist_ok=True)
+        stale = (out / "checkpoint").is_file()
+        (out / "checkpoint").write_text("x")
+        return {"found_stale_checkpoint": stale}
+
+    runner.run("train", {"lr": 1}, work, clean=[out])
+    second = runner.run("train", {"lr": 2}, work, clean=[out])
+    assert not second.skipped
+    assert second.outputs == {"found_stale_checkpoint": False}  # the old run's files were removed first
+    assert runner.run("train", {"lr": 2}, work, clean=[out]).skipped
+
+
+def test_interrupted_stage_reruns_without_cleaning(tmp_path):
+    out = tmp_path / "run"
+    runner = StageRunner(tmp_path / "stages")
+
+    def crash():
+        out.mkdir()
+        (out / "checkpoint").write_text("x")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.run("train", {"lr": 1}, crash, clean=[out])
+    assert runner.read_marker("train")["status"] == "running"
+    # Same config: the training's own resume must find its checkpoint.
+    result = runner.run("train", {"lr": 1}, lambda: {"resumed": (out / "checkpoint").is_file()}, clean=[out])
+    assert result.outputs == {"resumed": True}
+
+
+def test_config_hash_ignores_key_order_but_not_values():
+    assert config_hash({"a": 1, "b": [1, 2]}) == config_hash({"b": [1, 2], "a": 1})
+    assert config_hash({"a": 1}) != config_hash({"a": 2})
+
+
+def test_stage_must_return_a_dict(tmp_path):
+    with pytest.raises(TypeError, match="must return a dict"):
+        StageRunner(tmp_path).run("x", {}, lambda: [1])
+
+
+# ------------------------------------------------------------------------------------------------------ report
+def _curve(values, every=10):
+    return [((i + 1) * every, v) for i, v in enumerate(values)]
+
+
+def test_steps_to_threshold_first_step_reaching_it():
+    curve = _curve([0.1, 0.3, 0.5, 0.4, 0.6])
+    assert steps_to_threshold(curve, 0.5) == 30
+    assert steps_to_threshold(curve, 0.3) == 20
+    assert steps_to_threshold(curve, 0.7) is None
+
+
+def test_speed_up_relative_gain_and_never_reaching():
+    curves = {
+        "baseline": {0: _curve([0.1, 0.2, 0.3, 0.4, 0.5])},  # reaches 0.4 at step 40
+        "fast": {0: _curve([0.2, 0.45, 0.5, 0.55, 0.6])},  # reaches 0.4 at step 20
+        "never": {0: _curve([0.1, 0.1, 0.2, 0.2, 0.3])},
+    }
+    s = reward_summary(curves, "baseline", threshold=0.4)
+    v = s["variants"]
+    assert s["threshold"] == 0.4
+    assert v["baseline"]["steps_to_threshold"] == 40 and v["baseline"]["speed_up"] == pytest.approx(1.0)
+    assert v["fast"]["steps_to_threshold"] == 20 and v["fast"]["speed_up"] == pytest.approx(2.0)
+    assert v["fast"]["relative_gain"] == pytest.approx(0.1 / 0.5)
+    assert v["never"]["steps_to_threshold"] is None and v["never"]["speed_up"] is None
+    assert v["never"]["relative_gain"] == pytest.approx(-0.4)
+    assert v["never"]["seeds_reaching"] == 0
+
+
+def test_threshold_from_baseline_final_and_lower_bound_when_baseline_never_reaches():
+    curves = {"baseline": {0: _curve([0.1, 0.2, 0.2, 0.3, 0.4])}, "fast": {0: _curve([0.3, 0.38, 0.5, 0.5, 0.5])}}
+    s = reward_summary(curves, "baseline", threshold=0.0, fraction=0.9)
+    assert s["threshold"] == pytest.approx(0.36)
+    assert s["variants"]["fast"]["steps_to_threshold"] == 20
+    assert s["variants"]["fast"]["speed_up"] == pytest.approx(50 / 20)
+
+    s = reward_summary(curves, "baseline", threshold=0.45)  # baseline never gets there
+    fast = s["variants"]["fast"]
+    assert s["variants"]["baseline"]["steps_to_threshold"] is None
+    assert fast["speed_up"] == pytest.approx(50 / 30) and fast["speed_up_lower_bound"]
+
+
+def test_several_seeds_mean_curve_and_spread():
+    curves = {
+        "baseline": {0: _curve([0.1, 0.3, 0.5]), 1: _curve([0.1, 0.5, 0.5]), 2: _curve([0.1, 0.2, 0.4])},
+        "lcr": {0: _curve([0.5, 0.5, 0.6]), 1: _curve([0.3, 0.5, 0.7]), 2: _curve([0.5, 0.6, 0.5])},
+    }
+    assert mean_curve(list(curves["baseline"].values())) == [(10, pytest.approx(0.1)), (20, pytest.approx(1 / 3)),
+                                                            (30, pytest.approx(1.4 / 3))]
+    s = reward_summary(curves, "baseline", threshold=0.45)
+    base, lcr = s["variants"]["baseline"], s["variants"]["lcr"]
+    assert base["steps_to_threshold"] == 30  # mean curve 0.1, 0.33, 0.47
+    assert lcr["steps_to_threshold"] == 20  # mean curve 0.433, 0.533, 0.6
+    assert lcr["speed_up"] == pytest.approx(1.5)
+    # per seed: baseline reaches at 30, 20, never; lcr at 10, 20, 10
+    assert base["steps_per_seed"] == {"0": 30, "1": 20, "2": None}
+    assert base["seeds_reaching"] == 2 and lcr["seeds_reaching"] == 3
+    assert lcr["speed_up_per_seed"]["0"] == pytest.approx(3.0)
+    assert lcr["speed_up_per_seed"]["1"] == pytest.approx(1.0)
+    assert lcr["speed_up_per_seed"]["2"] == pytest.approx(3.0)  # baseline seed 2 never reaches: lower bound 30/10
+    spread = lcr["final"]
+    assert spread["n"] == 3 and spread["mean"] == pytest.approx(0.6)
+    assert spread["std"] == pytest.approx(0.1) and spread["min"] == 0.5 and spread["max"] == 0.7
+
+
+def test_mean_curve_uses_common_steps_only():
+    assert mean_curve([[(10, 0.2), (20, 0.4)], [(10, 0.4)]]) == [(10, pytest.approx(0.3))]
+
+
+def test_report_files(tmp_path):
+    curves = {"baseline": {0: _curve([0.1, 0.4]), 1: _curve([0.2, 0.3])}, "lcr_lmr": {0: _curve([0.3, 0.6]),
+                                                                                      1: _curve([0.4, 0.5])}}
+    s = reward_summary(curves, "baseline", threshold=0.3)
+    measures = {v: {"reconstruction_mean": {"psnr": 20.0, "ssim": 0.5, "lpips": 0.3},
+                    "spectral": {"low_freq_ratio": 2.0, "effective_rank": 10.0, "top_4_share": 0.6}} for v in curves}
+    files = write_report(tmp_path, "t", s, curves, measures, {"baseline": {"vae": 10.0, "dit": 5.0}})
+    text = files["markdown"].read_text()
+    assert "| lcr_lmr | 10 (per seed 10 ± 0 (n=2)) | 2.00x" in text and "+57.1 %" in text
+    assert json.loads(files["json"].read_text())["summary"]["variants"]["lcr_lmr"]["speed_up"] == 2.0
+    assert files["plot"].stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------------------------------------ config
+def _study_yaml(tmp_path, text: str):
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = """
+vae: {config: configs/vae/tiny.yaml}
+t2v: {config: configs/t2v/tiny.yaml}
+variants: [{name: baseline}, {name: lcr_lmr}]
+"""
+
+
+@pytest.mark.parametrize("extra, key", [
+    ("baseline: nope\n", "baseline"),
+    ("seeds: [0, 0]\n", "seeds"),
+    ("reward: {kind: clip}\n", "reward.kind"),
+    ("measure: {frames: 8}\n", "measure.frames"),
+    ("launcher: {kind: mpirun}\n", "launcher.kind"),
+    ("data: {heldout_clips: [nowhere]}\n", "data.heldout_clips"),
+    ("prompts: {seed: 0}\n", "prompts.seed"),
+    ("reward: {treshold: 0.5}\n", "reward.treshold"),
+])
+def test_config_errors_name_the_key(tmp_path, monkeypatch, extra, key):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    path = _study_yaml(tmp_path, BASE + extra)
+    with pytest.raises(ConfigError) as err:
+        load_config(StudyConfig, path)
+    assert key in str(err.value) and str(path) in str(err.value)
+
+
+def test_variant_errors_name_the_key(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    bad_kind = _study_yaml(tmp_path, BASE.replace("{name: lcr_lmr}", "{name: wan, kind: wan}"))
+    with pytest.raises(ConfigError, match=r"variants\[1\]\.path"):
+        load_config(StudyConfig, bad_kind)
+
+
+def test_bad_variant_override_fails_before_anything_runs(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from tools.study import Study
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    path = _study_yaml(tmp_path, BASE.replace("{name: lcr_lmr}", "{name: lcr_lmr, vae_overrides: [loss.lcr.wieght=1]}")
+                       + f"output_dir: {tmp_path / 'out'}\n")
+    cfg = load_config(StudyConfig, path)
+    with pytest.raises(ConfigError, match=r"lcr_lmr.*loss\.lcr\.wieght"):
+        Study(cfg, str(path))
+    assert not (tmp_path / "out").exists()
+
+
+def test_shipped_study_configs_validate(monkeypatch):
+    from pathlib import Path
+
+    from tools.study import Study
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    for name in ("configs/study/tiny.yaml", "configs/pipeline/tiny.yaml"):
+        cfg = load_config(StudyConfig, name)
+        study = Study(cfg, name)
+        vae = study.vae_config(cfg.variants[-1])
+        assert str(study.data / "default") in vae.data.video_roots
+    tiny = load_config(StudyConfig, "configs/study/tiny.yaml")
+    assert [v.name for v in tiny.variants] == ["baseline", "lcr", "lmr", "lcr_lmr"]
+    study = Study(tiny, "tiny")
+    flags = {v.name: (study.vae_config(v).loss.lcr.enabled, study.vae_config(v).loss.lmr.enabled)
+             for v in tiny.variants}
+    assert flags == {"baseline": (False, False), "lcr": (True, False), "lmr": (False, True), "lcr_lmr": (True, True)}
+    assert not math.isnan(tiny.reward.threshold_fraction)
