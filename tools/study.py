@@ -351,7 +351,9 @@ class Study:
         started = time.perf_counter()
         cfg = self.cfg
         data = self.stage_data()
-        data_hash = "".join(r.hash for r in data.values())
+        # What the VAE trains and evaluates on; the prompt set only when it is the VAE's held-out evaluation data.
+        vae_inputs = ["default", "real"] + ([] if self._has_real_heldout() else ["prompts"])
+        data_hash = "".join(data[k].hash for k in vae_inputs if k in data)
         curves, measures, walls, first_stages = {}, {}, {}, {}
         todo = len(cfg.variants) * (4 + 2 * len(cfg.seeds))
         with tqdm(total=todo, desc="study", unit="stage") as bar:
