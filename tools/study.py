@@ -210,33 +210,23 @@ class Study:
                                clean=[cfg.run.output_dir])
 
     def stage_first_stage(self, variant: VariantConfig, vae: StageResult) -> StageResult:
-        """Measure per-channel latent statistics on training clips; a VAE trained here stores them (its
-        encode/decode normalisation), a given first stage keeps its own and is only measured."""
+        """Measure per-channel statistics of the raw posterior means on training clips (``tools.latent_stats``); a VAE
+        trained here stores them as its encode/decode normalisation, a given first stage keeps its own."""
         m = self.cfg.measure
         out = self.variant_dir(variant) / "first_stage"
         store = variant.kind == "ssvae" and vae.outputs["trained"]
 
         def measure() -> dict:
             from infra.data.eval_clips import load_eval_clips
-            from tools.latent_stats import LatentMoments
-            from vae.model import SSVAE
+            from tools.latent_stats import measure_latent_stats, store_in_ssvae_folder
 
             roots = self.vae_config(variant).data.video_roots if store else str(self.data / "default")
-            fps = self.cfg.data.default.fps
-            clips = load_eval_clips(roots, m.stats_clips, m.frames, fps, m.size, m.size)["video"]
+            clips = load_eval_clips(roots, m.stats_clips, m.frames, self.cfg.data.default.fps, m.size, m.size)["video"]
+            stage = self._first_stage(variant, vae.outputs["model"])
+            stats = measure_latent_stats(stage, [(str(i), clip) for i, clip in enumerate(clips)], progress=False)
             if not store:
-                stats = LatentMoments().update(self._encode(self._first_stage(variant, vae.outputs["model"]),
-                                                            clips)).result()
                 return {"path": vae.outputs["model"], "stored": False, "statistics": _stats_summary(stats)}
-            model = SSVAE.from_pretrained(vae.outputs["model"]).eval()
-            moments = LatentMoments()
-            with torch.no_grad():
-                for i in range(0, clips.shape[0], m.batch_size):
-                    moments.update(model.posterior(clips[i:i + m.batch_size]).mode())  # raw (unnormalised) means
-            stats = moments.result()
-            model.set_latent_stats(stats["mean"], [max(s, 1e-6) for s in stats["std"]])
-            model.save_pretrained(out)
-            (out / "latent_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+            store_in_ssvae_folder(vae.outputs["model"], stats, save_to=out)
             return {"path": str(out), "stored": True, "statistics": _stats_summary(stats)}
 
         return self.runner.run(f"{variant.name}/first_stage", {"vae": vae.hash, "measure": dataclasses.asdict(m),
