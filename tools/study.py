@@ -445,7 +445,8 @@ def _spectral_summary(analysis: dict) -> dict:
 
 
 def reconstruction_markdown(name: str, rec: dict) -> str:
-    lines = [f"# Reconstruction: {name}", "", "| clip | held out | PSNR (dB) | SSIM | LPIPS |", "| --- | --- | --- | --- | --- |"]
+    lines = [f"# Reconstruction: {name}", "", "| clip | held out | PSNR (dB) | SSIM | LPIPS |",
+             "| --- | --- | --- | --- | --- |"]
     for r in rec["clips"]:
         lines.append(f"| {r['name']} | {'yes' if r.get('held_out') else 'no'} | {r['psnr']:.2f} | {r['ssim']:.4f} | "
                      f"{r['lpips']:.4f} |")

@@ -50,7 +50,8 @@ def _spread(values: list[float]) -> dict:
             "max": float(a.max()), "n": len(a)}
 
 
-def _speed_up(base_steps: Optional[int], base_last: Optional[int], steps: Optional[int]) -> tuple[Optional[float], bool]:
+def _speed_up(base_steps: Optional[int], base_last: Optional[int],
+              steps: Optional[int]) -> tuple[Optional[float], bool]:
     """(speed-up, is a lower bound) of a variant needing ``steps`` against a baseline needing ``base_steps``."""
     if steps is None or steps <= 0:
         return None, False
