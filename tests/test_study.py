@@ -115,6 +115,13 @@ def test_threshold_from_baseline_final_and_lower_bound_when_baseline_never_reach
     assert fast["speed_up"] == pytest.approx(50 / 30) and fast["speed_up_lower_bound"]
 
 
+def test_all_zero_rewards_give_no_threshold_crossing():
+    curves = {"baseline": {0: _curve([0.0, 0.0])}, "lcr": {0: _curve([0.0, 0.0])}}
+    s = reward_summary(curves, "baseline", threshold=0.0)
+    assert s["threshold"] == 0.0 and s["note"]
+    assert all(v["steps_to_threshold"] is None and v["speed_up"] is None for v in s["variants"].values())
+
+
 def test_several_seeds_mean_curve_and_spread():
     curves = {
         "baseline": {0: _curve([0.1, 0.3, 0.5]), 1: _curve([0.1, 0.5, 0.5]), 2: _curve([0.1, 0.2, 0.4])},

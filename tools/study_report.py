@@ -72,15 +72,19 @@ def reward_summary(curves: dict[str, dict[int, Curve]], baseline: str = "", thre
         reference = base_final if base_final is not None else max(
             (_spread(list(f.values()))["mean"] or 0.0 for f in finals.values()), default=0.0)
         threshold = fraction * reference
-    base = {"steps": steps_to_threshold(means[baseline], threshold) if baseline in curves else None,
+    # A threshold of 0 (every final reward 0: nothing learned yet) would count the first sample as converged.
+    usable = threshold > 0
+    reach = (lambda curve: steps_to_threshold(curve, threshold)) if usable else (lambda curve: None)
+    base = {"steps": reach(means[baseline]) if baseline in curves else None,
             "last": means[baseline][-1][0] if baseline in curves and means[baseline] else None,
-            "per_seed": {s: steps_to_threshold(c, threshold) for s, c in curves.get(baseline, {}).items()},
+            "per_seed": {s: reach(c) for s, c in curves.get(baseline, {}).items()},
             "last_per_seed": {s: c[-1][0] for s, c in curves.get(baseline, {}).items() if c}}
-    out = {"threshold": threshold, "baseline": baseline or None, "variants": {}}
+    out = {"threshold": threshold, "baseline": baseline or None, "variants": {},
+           "note": None if usable else "no usable threshold: the reference final reward is 0 (nothing learned yet)"}
     for variant, seeds in curves.items():
-        steps = steps_to_threshold(means[variant], threshold)
+        steps = reach(means[variant])
         speed_up, lower = _speed_up(base["steps"], base["last"], steps) if baseline in curves else (None, False)
-        per_seed_steps = {s: steps_to_threshold(c, threshold) for s, c in seeds.items()}
+        per_seed_steps = {s: reach(c) for s, c in seeds.items()}
         per_seed_speed = {}
         for s, n in per_seed_steps.items():
             if baseline in curves and s in base["per_seed"]:
@@ -162,7 +166,8 @@ def _pm(spread: dict, digits: int = 3) -> str:
 def markdown_tables(summary: dict, measures: dict[str, dict], walls: dict[str, dict]) -> str:
     """The convergence table and the first-stage table (``measures[variant]`` from the study's measure stage)."""
     lines = [f"Threshold: reward >= {summary['threshold']:.4f}"
-             + (f" (baseline: {summary['baseline']})" if summary["baseline"] else ""), "",
+             + (f" (baseline: {summary['baseline']})" if summary["baseline"] else "")
+             + (f". **{summary['note']}**" if summary.get("note") else ""), "",
              "| variant | steps to threshold | speed-up | final reward | relative gain | seeds reaching |",
              "| --- | --- | --- | --- | --- | --- |"]
     for variant, row in summary["variants"].items():
