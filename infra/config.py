@@ -88,6 +88,7 @@ class RunConfig:
     max_steps: int = 100
     log_every: int = 10
     eval_every: int = 0  # 0: no periodic evaluation
+    eval_at_start: bool = False  # also evaluate before the first step (a baseline for the curves)
     save_every: int = 0  # 0: only at the end
     keep_last: int = 3
     resume: str = "auto"  # auto (newest complete checkpoint, if any) | none | <path to a checkpoint folder>
@@ -143,21 +144,35 @@ def _takes_prefix(fn) -> bool:
         return False
 
 
+def _missing_values(node: Any, prefix: str = "") -> list[str]:
+    """Keys whose value is the literal ``???`` (OmegaConf does not always flag a YAML ``???`` merged into a schema)."""
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in _missing_values(v, f"{prefix}.{key}" if prefix else str(key))]
+    if isinstance(node, list):
+        return [k for i, v in enumerate(node) for k in _missing_values(v, f"{prefix}[{i}]")]
+    return [prefix] if node == "???" else []
+
+
 def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Build ``schema`` from a YAML file plus ``key=value`` overrides; raise ``ConfigError`` naming key and file."""
     source = str(path) if path else "<defaults>"
     try:
         cfg = OmegaConf.structured(schema)
+        required: set[str] = set()
         if path is not None:
             if not Path(path).is_file():
                 raise ConfigError(f"config file {path} does not exist")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            yaml = OmegaConf.load(path)
+            # A YAML value of ??? marks a key the user must supply; merging would silently keep the default.
+            required = set(_missing_values(OmegaConf.to_container(yaml)))
+            cfg = OmegaConf.merge(cfg, yaml)
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ConfigError(f"overrides must be key=value, got {bad} (config {source})")
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-        missing = sorted(OmegaConf.missing_keys(cfg))
+            required -= {o.split("=", 1)[0] for o in overrides}
+        missing = sorted(set(OmegaConf.missing_keys(cfg)) | required)
         if missing:
             raise ConfigError(f"{source}: missing required key(s) {', '.join(missing)}")
         obj = OmegaConf.to_object(cfg)
