@@ -148,6 +148,8 @@ class Trainer:
         bar = tqdm(total=self.run.max_steps, initial=self.step, disable=not (self.dist.is_main and self.run.progress_bar),
                    desc="train", unit="step", dynamic_ncols=True)
         last_eval: dict[str, float] = {}
+        if self.run.eval_at_start and self.step == 0:
+            last_eval = self._evaluate()
         tick, samples = time.perf_counter(), 0
         while self.step < stop_at:
             for name, spec in self.specs.items():
