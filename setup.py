@@ -12,7 +12,7 @@ setup(
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.10",
-    packages=find_packages(include=["infra", "infra.*", "vae", "vae.*", "dit", "dit.*", "tools", "tools.*"]),
+    packages=find_packages(include=["infra", "infra.*", "vae", "vae.*", "dit", "dit.*", "tools", "tools.*", "bench"]),
     install_requires=[
         TORCH,
         "deepspeed==0.19.8",
@@ -47,6 +47,10 @@ setup(
             "ssvae-reconstruct=tools.reconstruct:main",
             "ssvae-pack-shards=tools.pack_shards:main",
             "ssvae-make-default-data=tools.make_default_data:main",
+            "ssvae-latent-stats=tools.latent_stats:main",
+            "ssvae-spectral=tools.spectral:main",
+            "t2v-cache-latents=tools.cache_latents:main",
+            "t2v-sample=tools.sample_t2v:main",
         ]
     },
 )
