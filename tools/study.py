@@ -344,36 +344,49 @@ class Study:
         # What the VAE trains and evaluates on; the prompt set only when it is the VAE's held-out evaluation data.
         vae_inputs = ["default", "real"] + ([] if self._has_real_heldout() else ["prompts"])
         data_hash = "".join(data[k].hash for k in vae_inputs if k in data)
-        curves, measures, walls, first_stages = {}, {}, {}, {}
-        todo = len(cfg.variants) * (4 + 2 * len(cfg.seeds))
-        with tqdm(total=todo, desc="study", unit="stage") as bar:
+        with tqdm(total=len(cfg.variants) * (4 + 2 * len(cfg.seeds)), desc="study", unit="stage") as bar:
             for variant in cfg.variants:
                 bar.set_postfix_str(variant.name)
                 vae = self.stage_vae(variant, data_hash)
                 bar.update()
                 fs = self.stage_first_stage(variant, vae)
                 bar.update()
-                measure = self.stage_measure(variant, fs)
+                self.stage_measure(variant, fs)
                 bar.update()
                 latents = self.stage_latents(variant, fs)
                 bar.update()
-                curves[variant.name], dit_walls = {}, []
                 for seed in cfg.seeds:
                     dit = self.stage_dit(variant, seed, fs, latents)
                     bar.update()
-                    reward = self.stage_reward(variant, seed, dit)
+                    self.stage_reward(variant, seed, dit)
                     bar.update()
-                    curves[variant.name][seed] = [tuple(p) for p in reward.outputs["curve"]]
-                    dit_walls.append(dit.wall_s)
-                first_stages[variant.name] = fs.outputs
-                measures[variant.name] = {**measure.outputs, "latent_statistics": fs.outputs["statistics"],
-                                          "vae_eval": vae.outputs.get("eval", {})}
-                walls[variant.name] = {"vae": vae.wall_s, "first_stage": fs.wall_s, "measure": measure.wall_s,
-                                       "latents": latents.wall_s if latents else 0.0,
-                                       "dit": sum(dit_walls) / len(dit_walls), "dit_per_seed": dit_walls}
-        report = self.write_report(curves, measures, walls)
+        report = self.report()
         report["wall_s_this_run"] = time.perf_counter() - started
         return report
+
+    def _done(self, name: str) -> dict:
+        marker = self.runner.read_marker(name)
+        if not marker or marker.get("status") != "done":
+            raise RuntimeError(f"stage {name} has not finished (no done marker under {self.runner.root})")
+        return marker
+
+    def report(self) -> dict:
+        """The report from the finished stages' markers (``--report-only`` re-writes it without running anything,
+        e.g. after changing the reward threshold)."""
+        curves, measures, walls = {}, {}, {}
+        for variant in self.cfg.variants:
+            v = variant.name
+            vae, fs, measure = (self._done(f"{v}/{stage}") for stage in ("vae", "first_stage", "measure"))
+            latents = self.runner.read_marker(f"{v}/latents") if self.cfg.cache_latents else None
+            curves[v] = {seed: [tuple(p) for p in self._done(f"{v}/seed{seed}/reward")["outputs"]["curve"]]
+                         for seed in self.cfg.seeds}
+            dit_walls = [self._done(f"{v}/seed{seed}/dit")["wall_s"] for seed in self.cfg.seeds]
+            measures[v] = {**measure["outputs"], "latent_statistics": fs["outputs"]["statistics"],
+                           "vae_eval": vae["outputs"].get("eval", {})}
+            walls[v] = {"vae": vae["wall_s"], "first_stage": fs["wall_s"], "measure": measure["wall_s"],
+                        "latents": latents["wall_s"] if latents else 0.0,
+                        "dit": sum(dit_walls) / len(dit_walls), "dit_per_seed": dit_walls}
+        return self.write_report(curves, measures, walls)
 
     def write_report(self, curves: dict, measures: dict, walls: dict, sections: list[str] = ()) -> dict:
         from tools.spectral import plot_spectra
@@ -462,11 +475,13 @@ def load_study_config(path: str | None, overrides: list[str], schema=StudyConfig
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="study YAML (configs/study/*.yaml)")
+    parser.add_argument("--report-only", action="store_true", help="re-write the report from finished stages")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0,1] output_dir=runs/x")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_study_config(args.config, args.overrides)
-    report = Study(cfg, args.config).run()
+    study = Study(cfg, args.config)
+    report = study.report() if args.report_only else study.run()
     print(Path(report["files"]["markdown"]).read_text())
     print(f"report: {report['files']['markdown']} (json: {report['files']['json']}, plot: {report['files']['plot']})")
     return report
