@@ -162,7 +162,10 @@ def test_standalone_sampling_matches_training_samples(t2v_config, whole_run, tmp
     assert [p.name for p in paths] == ["prompt_00.mp4", "prompt_01.mp4"]
     for p in paths:  # the exported EMA weights, the same seeds: the videos the run sampled at its last step
         trained = read_frames(whole_run / f"samples/step_{STEPS:06d}" / p.name).astype(int)
-        assert np.abs(read_frames(p).astype(int) - trained).max() <= 2
+        diff = np.abs(read_frames(p).astype(int) - trained)
+        # Float round-off between the two runs can flip an H.264 coding decision and move a few pixels by
+        # tens of levels; a different model or seed moves the whole video.
+        assert diff.mean() < 1.0, (diff.mean(), diff.max())
 
 
 def test_deepspeed_launcher_runs_dit_train(t2v_config):

@@ -90,3 +90,13 @@ def test_warmup_cosine_schedule():
     assert learning_rate(opt, 1000) == pytest.approx(5e-5)
     assert learning_rate(opt, 1000 + 300_000) == pytest.approx((5e-5 + 2e-6) / 2)
     assert learning_rate(opt, 10**7) == pytest.approx(2e-6)
+
+
+def test_gradient_accumulation_resume_is_exact(tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    _run(whole, "deepspeed.gradient_accumulation_steps=2")
+    _run(parts, "deepspeed.gradient_accumulation_steps=2", "run.stop_after=3")
+    state = json.loads((parts / "checkpoints/step_000003/trainer_state.json").read_text())
+    assert state["data_position"] == 6  # two micro-batches per optimizer step
+    _run(parts, "deepspeed.gradient_accumulation_steps=2")
+    assert _losses(whole) == _losses(parts)
