@@ -13,17 +13,25 @@ run and a run on cached latents draw exactly what an uninterrupted on-the-fly ru
 Every ``run.eval_every`` steps and at the end, the fixed ``sampling.prompts`` are sampled (EMA weights if kept) and
 decoded to mp4 under ``<output_dir>/samples/step_XXXXXX/``; at the end the DiT is also exported as a diffusers folder
 ``<output_dir>/dit`` for ``tools/sample_t2v``.
+
+Parallelism (the ``parallel:`` section, docs/PARALLELISM.md) wraps the built DiT without touching its code: tensor
+parallelism shards its attention and MLP linears (``apply_tensor_parallel``) and hands DeepSpeed a model-parallel
+unit, Ulysses sequence parallelism routes its ordinary call through ``ulysses_forward``. The ranks of one TP x SP
+group read the same batches, draw the same noise and sample the same prompts; data shards, seeds and prompt shares
+follow the data-parallel rank.
 """
 from __future__ import annotations
 
+import functools
 import logging
+import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from infra.data.dataset import build_loader
-from infra.distributed import DistInfo, barrier
+from infra.distributed import DistInfo, ParallelGroups, barrier, parallel_groups
 from infra.ema import maybe_averaged
 from infra.trainer import EngineSpec, StepContext, TrainTask, run_training
 from vae.first_stage import FirstStage, load_first_stage
@@ -31,6 +39,8 @@ from vae.first_stage import FirstStage, load_first_stage
 from .convert import export_diffusers
 from .diffusion import VPrediction, drop_text
 from .latent_dataset import build_latent_loader, read_manifest
+from .sequence_parallel import enable_ulysses, ulysses_forward
+from .tensor_parallel import DeepSpeedMPU, apply_tensor_parallel, gather_tensor_parallel_state_dict
 from .text_encoder import build_text_encoder
 from .train_config import T2VTrainConfig
 from .transformer import CogVideoXTransformer
@@ -77,6 +87,33 @@ def step_generator(seed: int, data_position: int, rank: int, device: torch.devic
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + data_position) * 1_009 + rank)
 
 
+def video_tokens(cfg: T2VTrainConfig, first_stage: FirstStage, frames: int, height: int, width: int) -> int:
+    """The DiT's video token count for a (frames, height, width) clip."""
+    dit = cfg.model.build(first_stage.latent_channels, first_stage.spatial_compression, 1, 1)
+    _, f, h, w = first_stage.latent_shape(frames, height, width)
+    pt = dit.temporal_patch
+    return -(-f // pt) * (h // dit.patch_size) * (w // dit.patch_size)
+
+
+def sequence_parallel(model: CogVideoXTransformer, group) -> CogVideoXTransformer:
+    """Ulysses over ``group`` behind the model's ordinary call: ``model(latents, text, t, text_mask=...)`` then runs
+    ``ulysses_forward`` (every rank of the group passes the same inputs and gets the full output)."""
+    enable_ulysses(model, group)
+    model.forward = functools.partial(ulysses_forward, model, group=group)
+    return model
+
+
+def parallelize(cfg: T2VTrainConfig, model: CogVideoXTransformer, groups: ParallelGroups):
+    """Apply tensor and sequence parallelism to the built model (in place); returns (model, DeepSpeed mpu or None)."""
+    mpu = None
+    if groups.tensor_parallel_size > 1:
+        apply_tensor_parallel(model, groups.tp_group, backend=cfg.parallel.tensor_parallel_backend)
+        mpu = DeepSpeedMPU(groups.tp_group, groups.dp_group)
+    if groups.sequence_parallel_size > 1:
+        sequence_parallel(model, groups.sp_group)
+    return model, mpu
+
+
 def check_cache_matches(cfg: T2VTrainConfig) -> None:
     """Refuse a latent cache made by another first stage: the samples would be decoded by the wrong VAE."""
     made_with = read_manifest(cfg.latents.cache_dir)["first_stage"]
@@ -95,6 +132,9 @@ class T2VTask(TrainTask):
         self.first_stage = build_first_stage(cfg, device)
         text_encoder = build_frozen_text_encoder(cfg, device)
         self.model = build_dit(cfg, self.first_stage, text_encoder.hidden_size)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.parallel = self._parallelize(cfg, dist_info)
+        self.data_parallel_rank = self.parallel.data_rank  # the trainer seeds the process RNG by it
         self.diffusion = VPrediction(cfg.diffusion.schedule)
         # The sampling prompts are encoded once; on cached latents the text encoder is then not needed any more.
         prompts = cfg.sampling.prompts if cfg.sampling.enabled else []
@@ -102,21 +142,39 @@ class T2VTask(TrainTask):
         self.text_encoder = None if cfg.latents.cached else text_encoder
         self.text_mask = uses_text_mask(cfg, text_encoder)
         if dist_info.is_main:
-            n = sum(p.numel() for p in self.model.parameters())
-            log.info("DiT %.1fM parameters: %s", n / 1e6, self.model.config)
+            log.info("DiT %.1fM parameters: %s; parallel %s", n_params / 1e6, self.model.config, cfg.parallel)
+
+    def _parallelize(self, cfg: T2VTrainConfig, dist_info: DistInfo) -> ParallelGroups:
+        p = cfg.parallel
+        p.check_world(dist_info.world_size)
+        if p.sequence_parallel_size > 1:
+            p.check_tokens(video_tokens(cfg, self.first_stage, cfg.data.num_frames, cfg.data.height, cfg.data.width),
+                           "a training clip (data.num_frames/height/width)")
+            if cfg.data.image_prob > 0:
+                p.check_tokens(video_tokens(cfg, self.first_stage, 1, cfg.data.height, cfg.data.width),
+                               "a training image (data.height/width)")
+            if cfg.sampling.enabled:
+                p.check_tokens(video_tokens(cfg, self.first_stage, *cfg.sample_shape()), "a sample (sampling.*)")
+        groups = parallel_groups(p.tensor_parallel_size, p.sequence_parallel_size)
+        if p.tensor_parallel_size > 1:  # the shards are cut on the rank's device (NCCL needs them there)
+            self.model.to(dist_info.device)
+        self.dense_config = self.model.config  # for a dense export of a TP model
+        self.model, self.mpu = parallelize(cfg, self.model, groups)
+        return groups
 
     # ----------------------------------------------------------------------------------------------- engines
     def engine_specs(self) -> list[EngineSpec]:
-        return [EngineSpec(ENGINE, self.model, self.cfg.optimizer, ema=True)]
+        return [EngineSpec(ENGINE, self.model, self.cfg.optimizer, ema=True, mpu=self.mpu)]
 
     # -------------------------------------------------------------------------------------------------- data
     def batches(self, start_batch: int):
-        cfg, d = self.cfg, self.dist
+        # Sharded by the data-parallel rank: the ranks of one TP x SP group read the same batches.
+        cfg, rank, world = self.cfg, self.parallel.data_rank, self.parallel.data_world_size
         if cfg.latents.cached:
-            return iter(build_latent_loader(cfg.latents.cache_dir, cfg.data.video_batch_size, d.rank, d.world_size,
+            return iter(build_latent_loader(cfg.latents.cache_dir, cfg.data.video_batch_size, rank, world,
                                             cfg.run.seed, start_batch, cfg.data.num_workers))
-        return iter(build_loader(cfg.data, d.rank, d.world_size, cfg.run.seed, start_batch,
-                                 pin_memory=d.device.type == "cuda"))
+        return iter(build_loader(cfg.data, rank, world, cfg.run.seed, start_batch,
+                                 pin_memory=self.dist.device.type == "cuda"))
 
     def conditioning(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Clean latents (B, F, C, h, w) (the DiT's layout), text states (B, L, D) and mask (B, L) of a batch."""
@@ -133,7 +191,7 @@ class T2VTask(TrainTask):
     # -------------------------------------------------------------------------------------------------- step
     def train_step(self, batch: dict, step: int, ctx: StepContext) -> dict[str, float]:
         latents, states, mask = self.conditioning(batch)
-        g = step_generator(self.cfg.run.seed, batch["step"], self.dist.rank, ctx.device)
+        g = step_generator(self.cfg.run.seed, batch["step"], self.parallel.data_rank, ctx.device)
         # Caption dropout for CFG: zero embeddings, attended in full, as the sampler's unconditional branch is.
         keep = drop_text(torch.ones(latents.shape[0], 1, device=ctx.device), self.cfg.diffusion.caption_dropout, g)
         states = states * keep[:, :, None]
@@ -142,7 +200,9 @@ class T2VTask(TrainTask):
         dtype = next(model.module.parameters()).dtype  # bf16 under deepspeed.precision=bf16
         loss = self.diffusion.training_loss(model, latents.to(dtype), states.to(dtype),
                                             mask if self.text_mask else None, generator=g)
-        ctx.backward_and_step(ENGINE, loss)
+        # Each SP rank's gradient is its tokens' share; DeepSpeed averages over a group holding the SP ranks, so
+        # scaling by the SP size makes that average the sum (docs/PARALLELISM.md).
+        ctx.backward_and_step(ENGINE, loss * self.parallel.sequence_parallel_size)
         mean = loss.detach().float().clone()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(mean)
@@ -151,7 +211,9 @@ class T2VTask(TrainTask):
 
     # ------------------------------------------------------------------------------------------- evaluation
     def evaluate(self, step: int, ctx: StepContext) -> dict[str, float]:
-        """Sample the fixed prompts to mp4, each rank a share of them."""
+        """Sample the fixed prompts to mp4, each data-parallel rank a share of them. The ranks of a TP x SP group
+        sample the same prompts together (their forward is collective); the group's first rank writes the mp4s,
+        the others' go to a discarded folder."""
         from tools.sample_t2v import sample_prompts
 
         module = ctx.engine(ENGINE).module
@@ -161,22 +223,35 @@ class T2VTask(TrainTask):
             was_training = module.training
             module.eval()
             if self.prompt_states is not None:
+                leader = self.parallel.is_group_leader(self.dist.rank)
                 out = Path(ctx.output_dir) / "samples" / f"step_{step:06d}"
                 states, mask = self.prompt_states
-                mine = list(range(self.dist.rank, states.shape[0], self.dist.world_size))
+                mine = list(range(self.parallel.data_rank, states.shape[0], self.parallel.data_world_size))
                 if mine:
-                    written = len(sample_prompts(module, self.first_stage, states[mine],
-                                                 mask[mine] if self.text_mask else None, self.cfg, out, indices=mine))
+                    with tempfile.TemporaryDirectory() as scratch:
+                        paths = sample_prompts(module, self.first_stage, states[mine],
+                                               mask[mine] if self.text_mask else None, self.cfg,
+                                               out if leader else scratch, indices=mine)
+                    written = len(paths) if leader else 0
             module.train(was_training)
         barrier()
         return {"samples_written": float(written)}
 
     def on_train_end(self, ctx: StepContext) -> None:
-        """Export the DiT (EMA weights when kept) as a diffusers folder for ``tools/sample_t2v``."""
+        """Export the DiT (EMA weights when kept) as a diffusers folder for ``tools/sample_t2v``; a TP model's
+        shards are gathered into the dense model first."""
         module = ctx.engine(ENGINE).module
-        if self.dist.is_main:
+        tensor_parallel = self.parallel.tensor_parallel_size > 1
+        if tensor_parallel or self.dist.is_main:
             with maybe_averaged(ctx.emas.get(ENGINE), module):
-                export_diffusers(module, Path(ctx.output_dir) / EXPORT_DIR)
+                if tensor_parallel:  # collective over the TP group
+                    state = gather_tensor_parallel_state_dict(module)
+                    if self.dist.is_main:
+                        dense = CogVideoXTransformer(self.dense_config)
+                        dense.load_state_dict(state)
+                        export_diffusers(dense, Path(ctx.output_dir) / EXPORT_DIR)
+                else:
+                    export_diffusers(module, Path(ctx.output_dir) / EXPORT_DIR)
         barrier()
 
 

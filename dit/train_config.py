@@ -109,6 +109,38 @@ class SamplingConfig:
         check(self.fps >= 0, f"{prefix}.fps", "must be >= 0")
 
 
+@dataclass
+class ParallelConfig:
+    """The ``parallel:`` section: DeepSpeed-Ulysses sequence parallelism and tensor parallelism of the DiT (see
+    docs/PARALLELISM.md). The world is data x sequence x tensor parallel; the ranks of one TP x SP group read the
+    same batches and draw the same noise, the data-parallel size is world / (TP x SP)."""
+
+    sequence_parallel_size: int = 1
+    tensor_parallel_size: int = 1
+    tensor_parallel_backend: str = "torch"  # torch | megatron (megatron-core, pip install -e .[megatron])
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.sequence_parallel_size * self.tensor_parallel_size
+
+    def validate(self, prefix: str = "parallel") -> None:
+        check(self.sequence_parallel_size >= 1, f"{prefix}.sequence_parallel_size", "must be >= 1")
+        check(self.tensor_parallel_size >= 1, f"{prefix}.tensor_parallel_size", "must be >= 1")
+        check(self.tensor_parallel_backend in ("torch", "megatron"), f"{prefix}.tensor_parallel_backend",
+              f"must be torch or megatron, got {self.tensor_parallel_backend!r}")
+
+    def check_world(self, world_size: int, prefix: str = "parallel") -> None:
+        """Sizes against the job's world (known only at start-up)."""
+        check(world_size % self.model_parallel_size == 0, prefix,
+              f"tensor_parallel_size {self.tensor_parallel_size} x sequence_parallel_size "
+              f"{self.sequence_parallel_size} must divide the world size {world_size}")
+
+    def check_tokens(self, video_tokens: int, what: str, prefix: str = "parallel") -> None:
+        """Ulysses splits the video tokens evenly over the SP ranks."""
+        check(video_tokens % self.sequence_parallel_size == 0, f"{prefix}.sequence_parallel_size",
+              f"{what} has {video_tokens} video tokens, not divisible by {self.sequence_parallel_size}")
+
+
 def _cogvideox_optimizer() -> OptimizerConfig:
     # CogVideoX's SAT recipe: AdamW, betas (0.9, 0.95), weight decay 1e-4, short warm-up.
     return OptimizerConfig(type="adamw", lr=1e-4, betas=[0.9, 0.95], eps=1e-8, weight_decay=1e-4, warmup_steps=100)
@@ -131,8 +163,20 @@ class T2VTrainConfig:
     optimizer: OptimizerConfig = field(default_factory=_cogvideox_optimizer)
     latents: LatentsConfig = field(default_factory=LatentsConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> None:
+        p = self.parallel
+        if p.model_parallel_size > 1:
+            dit = DiTConfig.preset(self.model.preset, **dict(self.model.overrides))
+            # Ulysses splits the heads TP leaves on a rank again over SP; TP splits heads and the MLP width.
+            check(dit.num_attention_heads % p.model_parallel_size == 0, "parallel",
+                  f"model heads ({dit.num_attention_heads}) must divide by tensor_parallel_size x "
+                  f"sequence_parallel_size = {p.model_parallel_size}")
+            check(self.text_encoder.max_length % p.sequence_parallel_size == 0, "parallel.sequence_parallel_size",
+                  f"text_encoder.max_length ({self.text_encoder.max_length}) must divide by it")
+            check(p.tensor_parallel_size == 1 or dit.dropout == 0.0, "parallel.tensor_parallel_size",
+                  f"tensor parallelism needs model dropout 0, got {dit.dropout}")
         if self.latents.cached:
             check(self.data.image_prob == 0.0, "data.image_prob",
                   "must be 0 with latents.cache_dir (the cache holds video clips only)")

@@ -78,6 +78,61 @@ def init_distributed(local_rank: int | None = None) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+@dataclass(frozen=True)
+class ParallelGroups:
+    """This rank's place in world = data x sequence x tensor parallel (tensor innermost, as Megatron lays it out:
+    keep a TP group inside a node). Ranks of one TP group and of one SP group hold the same samples."""
+
+    tensor_parallel_size: int = 1
+    sequence_parallel_size: int = 1
+    tp_group: object = None  # None when tensor_parallel_size is 1
+    sp_group: object = None  # None when sequence_parallel_size is 1
+    # The group DeepSpeed reduces gradients over and partitions ZeRO states across: the ranks with this rank's TP
+    # rank (SP ranks included: their loss is scaled by the SP size, so the average over it is the SP sum). None
+    # when tensor_parallel_size is 1 (then it is the whole world, DeepSpeed's default).
+    dp_group: object = None
+    data_rank: int = 0  # which share of the data this rank reads (and the seed of its random draws)
+    data_world_size: int = 1
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_parallel_size * self.sequence_parallel_size
+
+    def is_group_leader(self, rank: int) -> bool:
+        """The first rank of this rank's TP x SP group (the one that writes what the whole group computed)."""
+        return rank % self.model_parallel_size == 0
+
+
+def parallel_groups(tensor_parallel_size: int = 1, sequence_parallel_size: int = 1) -> ParallelGroups:
+    """Build the TP, SP and DeepSpeed data-parallel groups of this rank. Rank r is
+    ``(data * SP + seq) * TP + tensor``. Collective (``new_group`` is): every rank calls it with the same sizes;
+    with both sizes 1 it creates no group."""
+    tp, sp = tensor_parallel_size, sequence_parallel_size
+    initialized = dist.is_initialized()
+    rank = dist.get_rank() if initialized else 0
+    world = dist.get_world_size() if initialized else 1
+    if tp < 1 or sp < 1 or world % (tp * sp):
+        raise ValueError(f"tensor_parallel_size {tp} x sequence_parallel_size {sp} must divide the world size {world}")
+    tp_group = sp_group = dp_group = None
+    if tp > 1:
+        for first in range(0, world, tp):
+            group = dist.new_group(list(range(first, first + tp)))
+            if first <= rank < first + tp:
+                tp_group = group
+        for t in range(tp):
+            group = dist.new_group(list(range(t, world, tp)))
+            if rank % tp == t:
+                dp_group = group
+    if sp > 1:
+        for block in range(0, world, tp * sp):
+            for t in range(tp):
+                members = [block + s * tp + t for s in range(sp)]
+                group = dist.new_group(members)
+                if rank in members:
+                    sp_group = group
+    return ParallelGroups(tp, sp, tp_group, sp_group, dp_group, rank // (tp * sp), world // (tp * sp))
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -50,19 +50,25 @@ def _deep_update(base: dict, extra: dict) -> None:
             base[k] = v
 
 
-def build_engine(module: nn.Module, ds: DeepSpeedConfig, opt: OptimizerConfig, world_size: int):
-    """Wrap ``module`` (only its trainable parameters are optimised) in a DeepSpeed engine."""
+def build_engine(module: nn.Module, ds: DeepSpeedConfig, opt: OptimizerConfig, world_size: int, mpu=None):
+    """Wrap ``module`` (only its trainable parameters are optimised) in a DeepSpeed engine.
+
+    ``mpu`` (a model-parallel unit, e.g. ``dit.tensor_parallel.DeepSpeedMPU``) makes DeepSpeed reduce gradients
+    and partition ZeRO states over its data-parallel group only; ``train_batch_size`` is then sized by that group,
+    not by ``world_size`` (DeepSpeed checks it against the data-parallel size)."""
     import deepspeed
 
     cuda = torch.cuda.is_available()
     use_fused = {"auto": cuda, "yes": True, "no": False}[ds.fused_optimizer]
     if ds.precision == "bf16" and not cuda:
         log.warning("bf16 on CPU runs, but slowly; fp32 is the usual CPU choice")
+    if mpu is not None:
+        world_size = mpu.get_data_parallel_world_size()
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{type(module).__name__} has no trainable parameters to give an optimizer")
     engine, _, _, _ = deepspeed.initialize(
-        model=module, model_parameters=params, config=deepspeed_config(ds, opt, world_size, use_fused))
+        model=module, model_parameters=params, mpu=mpu, config=deepspeed_config(ds, opt, world_size, use_fused))
     return engine
 
 

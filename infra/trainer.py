@@ -35,10 +35,15 @@ class EngineSpec:
     module: nn.Module
     optimizer: OptimizerConfig
     ema: bool = False  # keep an EMA of this engine's weights (when run.ema_decay > 0)
+    mpu: Any = None  # model-parallel unit for DeepSpeed (tensor parallelism): gradients reduced over its DP group
 
 
 class TrainTask:
     """What a training supplies. Subclasses override the first three; the rest are optional."""
+
+    # The rank's data-parallel index when ranks share batches (tensor / sequence parallelism): the process RNG is
+    # seeded by it, so the ranks of one model-parallel group draw the same dropout. None: the global rank.
+    data_parallel_rank: int | None = None
 
     def engine_specs(self) -> list[EngineSpec]:
         raise NotImplementedError
@@ -95,7 +100,7 @@ class Trainer:
         self.cfg, self.task, self.dist = cfg, task, dist
         self.run = cfg.run
         self.specs = {s.name: s for s in task.engine_specs()}
-        self.engines = {n: build_engine(s.module, cfg.deepspeed, s.optimizer, dist.world_size)
+        self.engines = {n: build_engine(s.module, cfg.deepspeed, s.optimizer, dist.world_size, mpu=s.mpu)
                         for n, s in self.specs.items()}
         self.emas = {n: EMA(self.engines[n].module, self.run.ema_decay)
                      for n, s in self.specs.items() if s.ema and self.run.ema_decay > 0}
@@ -231,5 +236,6 @@ def run_training(schema: type, make_task: Callable[[Any, DistInfo], TrainTask], 
     # Model initialisation is identical on every rank; noise and dropout differ per rank through the data seed.
     seed_everything(cfg.run.seed)
     task = make_task(cfg, dist)
-    seed_everything(cfg.run.seed + 1000 * dist.rank)
+    data_rank = dist.rank if task.data_parallel_rank is None else task.data_parallel_rank
+    seed_everything(cfg.run.seed + 1000 * data_rank)
     return Trainer(cfg, task, dist).fit()
