@@ -7,8 +7,8 @@ The DiT is the only engine. The first stage (VAE) and the text encoder are froze
 gradients, outside every engine. Each micro-step takes clean latents and caption embeddings (encoded on the fly from
 the shard data, or read from a cache written by ``tools/cache_latents``), drops 10% of captions to zero embeddings
 for classifier-free guidance, and regresses v at a uniform timestep. Noise, timesteps and caption drops come from a
-generator seeded by (run seed, data position, rank), so they do not depend on the process's RNG history: a resumed
-run and a run on cached latents draw exactly what an uninterrupted on-the-fly run draws.
+generator seeded by (run seed, data position, data-parallel rank), so they do not depend on the process's RNG
+history: a resumed run and a run on cached latents draw exactly what an uninterrupted on-the-fly run draws.
 
 Every ``run.eval_every`` steps and at the end, the fixed ``sampling.prompts`` are sampled (EMA weights if kept) and
 decoded to mp4 under ``<output_dir>/samples/step_XXXXXX/``; at the end the DiT is also exported as a diffusers folder
@@ -208,6 +208,13 @@ class T2VTask(TrainTask):
             dist.all_reduce(mean)
             mean /= dist.get_world_size()
         return {"loss": mean.item(), "captions_dropped": float((keep == 0).float().mean())}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Called on resume. The trainer's EMA tensors are saved by rank 0 only, so under TP every rank would load
+        rank 0's shards: refuse that instead of training on wrong averages."""
+        if self.parallel.tensor_parallel_size > 1 and self.cfg.run.ema_decay > 0:
+            raise NotImplementedError("resuming a tensor-parallel run with an EMA is not supported yet (the EMA "
+                                      "checkpoint holds rank 0's shards only): run.ema_decay=0, or restart")
 
     # ------------------------------------------------------------------------------------------- evaluation
     def evaluate(self, step: int, ctx: StepContext) -> dict[str, float]:

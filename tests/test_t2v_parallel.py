@@ -16,7 +16,10 @@ STEPS = 3
 HAVE_MEGATRON = importlib.util.find_spec("megatron") is not None \
     and importlib.util.find_spec("megatron.core") is not None
 # A few steps with sampling (2 denoising steps) at the end; the tiny DiT has 4 heads, 24 text and 12 video tokens.
-COMMON = [f"run.max_steps={STEPS}", "run.eval_every=0", "run.save_every=0", "sampling.prompts=[\"a red circle\"]"]
+# Adam's update and gradient clipping are blind to the gradients' scale (a missing SP loss scale would pass), so the
+# runs use an eps far above the gradients and no clipping: the update is then ~ lr * gradient.
+COMMON = [f"run.max_steps={STEPS}", "run.eval_every=0", "run.save_every=0", "sampling.prompts=[\"a red circle\"]",
+          "optimizer.eps=1.0", "optimizer.lr=1.0", "deepspeed.gradient_clipping=0.0"]
 
 
 def _train(config, out, *overrides, nproc=1):
