@@ -4,5 +4,5 @@
 # DiT on its latents, sample and score videos). Outputs go to runs/pipeline/. Extra arguments are key=value overrides.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh dev
+bash scripts/setup_env.sh dev,megatron
 exec .venv/bin/python -m tools.pipeline --config configs/pipeline/tiny.yaml "$@"

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-EXTRAS=${1:-dev}
+EXTRAS=${1:-dev,megatron}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
