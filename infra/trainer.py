@@ -148,7 +148,10 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)  # preemption: save, then stop
         accum = self.cfg.deepspeed.gradient_accumulation_steps
         stop_at = min(self.run.max_steps, self.run.stop_after or self.run.max_steps)
-        data = iter(self.task.batches(self.data_position))
+        # A DataLoader iterator draws its base seed from the global RNG when created; keep that draw out of the
+        # training's random stream, or a resumed run (which creates it after restoring the RNG) would diverge.
+        with torch.random.fork_rng(devices=[]):
+            data = iter(self.task.batches(self.data_position))
         window: dict[str, list[float]] = defaultdict(list)
         bar = tqdm(total=self.run.max_steps, initial=self.step, disable=not (self.dist.is_main and self.run.progress_bar),
                    desc="train", unit="step", dynamic_ncols=True)
