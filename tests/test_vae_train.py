@@ -87,7 +87,7 @@ def test_tiny_vae_trains_with_deepspeed_launcher_and_heldout_real_loss_falls(tmp
     assert all(k in logged for k in ("lcr/image_corr", "lcr/video_corr", "scalars/lcr_adaptive_weight",
                                        "loss/kl_per_element", "loss/perceptual", "lmr/mask_ratio"))
     assert (tmp_path / "run/model/config.json").is_file()
-    assert (tmp_path / "run/model_ema/config.json").is_file()
+    assert (tmp_path / "run/model_raw/config.json").is_file()  # with an EMA, model/ holds the EMA weights
     assert list((tmp_path / "run/reconstructions/step_000060").glob("*.mp4"))
 
 

@@ -131,14 +131,16 @@ class VAETask(TrainTask):
         return {"rec_l1": sum(l1) / len(l1), "psnr": sum(psnr) / len(psnr)}
 
     def on_train_end(self, ctx: StepContext) -> None:
-        """Export the trained model (and its EMA) as save_pretrained folders, ready for encode/decode and the DiT."""
+        """Export the model as a save_pretrained folder, ready for encode/decode and the DiT: ``model`` holds the
+        EMA weights when an EMA is kept (what evaluation measured), ``model_raw`` the last trained weights."""
         if not ctx.dist.is_main:
             return
         out = Path(ctx.output_dir)
-        self.vae.save_pretrained(out / "model")
-        if "autoencoder" in ctx.emas:
-            with ctx.emas["autoencoder"].averaged(ctx.engine("autoencoder").module):
-                self.vae.save_pretrained(out / "model_ema")
+        ema = ctx.emas.get("autoencoder")
+        if ema is not None:
+            self.vae.save_pretrained(out / "model_raw")
+        with maybe_averaged(ema, ctx.engine("autoencoder").module):
+            self.vae.save_pretrained(out / "model")
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
