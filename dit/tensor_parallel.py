@@ -33,6 +33,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from infra.distributed import parallel_groups
+
 from .attention import Attention
 from .transformer import FeedForward
 
@@ -263,20 +265,9 @@ def apply_tensor_parallel(model: nn.Module, tp_group=None, backend: str = "megat
 def tensor_data_parallel_groups(tensor_parallel_size: int):
     """(tp_group, dp_group) of this rank on the default process group, in Megatron's layout: consecutive
     ranks form a TP group (keep them on one node), ranks with the same TP rank form a DP group. Collective:
-    every rank must call it (torch.distributed.new_group is)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if tensor_parallel_size <= 0 or world % tensor_parallel_size:
-        raise ValueError(f"tensor_parallel_size {tensor_parallel_size} must divide the world size {world}")
-    tp_group = dp_group = None
-    for first in range(0, world, tensor_parallel_size):
-        group = dist.new_group(list(range(first, first + tensor_parallel_size)))
-        if first <= rank < first + tensor_parallel_size:
-            tp_group = group
-    for tp_rank in range(tensor_parallel_size):
-        group = dist.new_group(list(range(tp_rank, world, tensor_parallel_size)))
-        if rank % tensor_parallel_size == tp_rank:
-            dp_group = group
-    return tp_group, dp_group
+    every rank must call it (torch.distributed.new_group is). See ``infra.distributed.parallel_groups``."""
+    groups = parallel_groups(tensor_parallel_size, 1)
+    return groups.tp_group, groups.dp_group
 
 
 class DeepSpeedMPU:
