@@ -55,8 +55,8 @@ def test_cache_resumes_only_missing_shards_and_refuses_other_settings(t2v_config
     with pytest.raises(FileNotFoundError, match="COMPLETE"):
         LatentCache(cache)
     decoded = []
-    original = tool.load_sample
-    monkeypatch.setattr(tool, "load_sample", lambda record, *a: decoded.append(record.key) or original(record, *a))
+    original = tool.load_or_skip
+    monkeypatch.setattr(tool, "load_or_skip", lambda record, *a: decoded.append(record.key) or original(record, *a))
     tool.cache_latents(_load(t2v_config), cache, batch_size=3, show_progress=False)
     assert decoded == ["v0000004", "v0000005", "v0000006", "v0000007"]  # only the missing shard
     assert (cache / "part-000000.safetensors").stat().st_mtime_ns == first_part

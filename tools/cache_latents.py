@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from infra.config import load_config
-from infra.data.dataset import ClipRequest, SampleError, load_sample
+from infra.data.dataset import ClipRequest, load_or_skip
 from infra.data.shard_index import ShardReader, find_shards, index_shards
 from infra.data.skips import SkipCounter
 
@@ -104,14 +104,11 @@ def cache_latents(cfg, out: str | Path, batch_size: int = 4, dtype: str = "float
         for start in range(0, len(mine), batch_size):
             videos, captions, metas = [], [], []
             for record in mine[start:start + batch_size]:
-                try:
-                    video, caption, meta = load_sample(record, request, reader, d.decoder)
-                except SampleError as e:
-                    skips.skip(e.reason, f"{record.shard}:{record.key}", str(e))
+                sample = load_or_skip(record, request, reader, d.decoder, skips)
+                if sample is None:
                     continue
-                videos.append(video)
-                captions.append(caption)
-                metas.append(meta)
+                for items, item in zip((videos, captions, metas), sample):
+                    items.append(item)
             bar.update(len(mine[start:start + batch_size]))
             if not videos:
                 continue

@@ -98,6 +98,16 @@ def load_sample(record: SampleRecord, request: ClipRequest, reader: ShardReader,
     return frames_to_tensor(frames, request.height, request.width, request.uy, request.ux), caption, meta
 
 
+def load_or_skip(record: SampleRecord, request: ClipRequest, reader: ShardReader, decoder: str,
+                 skips: SkipCounter) -> tuple[torch.Tensor, str, dict] | None:
+    """``load_sample``, or None with the sample counted in ``skips`` (by reason) when its input is bad."""
+    try:
+        return load_sample(record, request, reader, decoder)
+    except SampleError as e:
+        skips.skip(e.reason, f"{record.shard}:{record.key}", str(e))
+        return None
+
+
 def _cut(source, promised: int, source_fps: float, request: ClipRequest) -> tuple[np.ndarray, int, list[int]]:
     """The requested frames of an opened clip, with the start and source indices used."""
     # The meta line's duration undercounts real clips by up to a frame; trust the container when it says fewer.
@@ -174,14 +184,11 @@ class ShardBatchDataset(IterableDataset):
                     uy = ux = 0.5
                 record = self.records[index]
                 request = ClipRequest(spec.frames, spec.height, spec.width, self.cfg.fps, u_start, uy, ux)
-                try:
-                    video, caption, meta = load_sample(record, request, self.reader, self.cfg.decoder)
-                except SampleError as e:
-                    skips.skip(e.reason, f"{record.shard}:{record.key}", str(e))
+                sample = load_or_skip(record, request, self.reader, self.cfg.decoder, skips)
+                if sample is None:
                     continue
-                videos.append(video)
-                captions.append(caption)
-                metas.append(meta)
+                for items, item in zip((videos, captions, metas), sample):
+                    items.append(item)
                 break
             else:
                 raise RuntimeError(f"{MAX_ATTEMPTS_PER_SAMPLE} samples in a row of {kind} bucket {spec} could not be "

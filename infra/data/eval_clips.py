@@ -10,7 +10,7 @@ import logging
 import torch
 
 from .buckets import frame_span
-from .dataset import ClipRequest, SampleError, load_sample
+from .dataset import ClipRequest, load_or_skip
 from .shard_index import ShardReader, index_shards
 from .skips import TOO_SHORT, SkipCounter
 
@@ -34,14 +34,11 @@ def load_eval_clips(roots: str, n: int, num_frames: int = 17, fps: float = 8.0, 
         if record.num_frames < frame_span(num_frames, float(record.meta["fps"]), fps):
             skips.skip(TOO_SHORT, f"{record.shard}:{record.key}", f"{record.num_frames} frames")
             continue
-        try:
-            video, caption, meta = load_sample(record, request, reader, decoder)
-        except SampleError as e:
-            skips.skip(e.reason, f"{record.shard}:{record.key}", str(e))
+        sample = load_or_skip(record, request, reader, decoder, skips)
+        if sample is None:
             continue
-        videos.append(video)
-        captions.append(caption)
-        metas.append(meta)
+        for items, item in zip((videos, captions, metas), sample):
+            items.append(item)
     reader.close()
     if not videos:
         raise ValueError(f"no usable clip of {num_frames} frames at {fps} fps in {roots!r}; skips: {dict(skips.counts)}")
