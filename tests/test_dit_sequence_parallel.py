@@ -32,22 +32,12 @@ def _worker(rank: int, port: int) -> None:
 
 
 def _check(positional_embedding: str, use_mask: bool) -> None:
-    from dit import CogVideoXTransformer, DiTConfig
     from dit.sequence_parallel import enable_ulysses, ulysses_forward
+    from helpers.dit_parallel_case import dense_and_copy, inputs
 
-    torch.manual_seed(0)
-    config = DiTConfig.preset("tiny", positional_embedding=positional_embedding, patch_size=1)
-    reference = CogVideoXTransformer(config)
-    parallel = CogVideoXTransformer(config)
-    parallel.load_state_dict(reference.state_dict())
+    reference, parallel = dense_and_copy(positional_embedding)
     enable_ulysses(parallel)
-    latents, text = torch.randn(2, 2, 16, 4, 4), torch.randn(2, 8, 32)
-    timestep = torch.tensor([3, 800])
-    mask = None
-    if use_mask:
-        mask = torch.ones(2, 8, dtype=torch.bool)
-        mask[0, 5:] = False
-    target = torch.randn_like(latents)
+    latents, text, timestep, mask, target = inputs(use_mask)
 
     expected = reference(latents, text, timestep, text_mask=mask)
     (expected - target).square().mean().backward()

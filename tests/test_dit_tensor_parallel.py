@@ -44,23 +44,15 @@ def _worker(rank: int, port: int, backend: str) -> None:
 
 
 def _check(backend: str, tp_group, positional_embedding: str, use_mask: bool) -> None:
-    from dit import CogVideoXTransformer, DiTConfig
+    from dit import CogVideoXTransformer
     from dit.tensor_parallel import apply_tensor_parallel, gather_tensor_parallel_state_dict, is_tensor_parallel
+    from helpers.dit_parallel_case import dense_and_copy, inputs
 
     rank = dist.get_rank()
-    torch.manual_seed(0)  # same weights and inputs on both ranks
-    config = DiTConfig.preset("tiny", positional_embedding=positional_embedding, patch_size=1)
-    reference = CogVideoXTransformer(config)
-    parallel = CogVideoXTransformer(config)
-    parallel.load_state_dict(reference.state_dict())
+    reference, parallel = dense_and_copy(positional_embedding)
+    config = reference.config  # same weights and inputs on both ranks
     apply_tensor_parallel(parallel, tp_group, backend=backend)
-    latents, text = torch.randn(2, 2, 16, 4, 4), torch.randn(2, 8, 32)
-    timestep = torch.tensor([3, 800])
-    mask = None
-    if use_mask:
-        mask = torch.ones(2, 8, dtype=torch.bool)
-        mask[0, 5:] = False
-    target = torch.randn_like(latents)
+    latents, text, timestep, mask, target = inputs(use_mask)
 
     # The model really is sharded: half the heads and half of each sharded weight per rank.
     attn = parallel.transformer_blocks[0].attn1
