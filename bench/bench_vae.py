@@ -7,11 +7,23 @@ runs in its own spawned process so that the CPU peak (max RSS) of one does not h
     python bench/bench_vae.py --frames 5 --size 64    # quick check
     python bench/bench_vae.py --models ssvae --threads 2
 
-Prints one JSON object. Numbers seen (2-core CPU, fp32, 1x3x17x256x256, one run each): reference SSVAE
-implementation encode 42 s / decode 65 s, diffusers Wan 2.2 26 s / 123 s, CogVideoX 68 s / 151 s (from
-../shared/ENVIRONMENT.md, idle machine). This SSVAE, one run with --models ssvae --threads 2 while ~7 other jobs
-shared the 2 cores (load average 8-10, so not comparable): encode 106 s (peak RSS 3.3 GB), decode 340 s (3.9 GB).
-Rerun on an idle machine, with the other models in the same run, before comparing.
+Prints one JSON object. Numbers seen, seconds encode / decode at 1x3x17x256x256:
+
+| run (one run each; same-run numbers compare)       | SSVAE (ours)  | Wan 2.2       | CogVideoX      |
+|----------------------------------------------------|---------------|---------------|----------------|
+| 2-core CPU, fp32, idle, contiguous conv layout     | 59.6 / 77.9   | 28.1 / 190.3  | 90.4 / 211.3   |
+| 2-core CPU, fp32, idle, channels-last-3d (default) | 48.5-51.9 / 66.8-77.1 | -     | -              |
+| H200, bf16 autocast, best of 3                     | 0.030 / 0.052 | 0.038 / 0.090 | 0.076 / 0.181  |
+| H200, bf16, 1x3x49x512x512, one run                | 0.317 / 0.525 | 0.258 / 0.807 | -              |
+
+The reference SSVAE implementation was seen at 42 / 65 s on this CPU type (../shared/ENVIRONMENT.md), on a day when
+Wan 2.2 gave 26 / 123 and CogVideoX 68 / 151, i.e. a machine 1.1-1.5x faster than in the runs above. Profiling
+(torch.profiler) put 80-85 % of the SSVAE's CPU time in the 3D convolutions; oneDNN runs them ~20 % faster on
+channels-last-3d input, and keeping every activation in that one layout avoids slow mixed-layout elementwise ops,
+hence `vae.causal_conv.CausalConv3d.channels_last` (numbers unchanged to 1e-5: tests/test_vae_official.py). On the
+GPU the layout changes speed little (17x256: 31 / 52 ms contiguous) but lowers peak memory (49x512: encode 15.5 vs
+18.7 GB, decode 22.0 vs 26.8 GB). Peak GPU memory of one whole-video pass grows with the clip: use
+`vae.inference` chunking for long clips (Wan's decoder streams frame by frame: 6.1 / 9.3 GB at 49x512).
 """
 
 from __future__ import annotations
@@ -82,9 +94,12 @@ def _max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run_one(name: str, frames: int, size: int, threads: int, repeats: int, queue) -> None:
+def run_one(name: str, frames: int, size: int, threads: int, repeats: int, channels_last: bool, queue) -> None:
     import torch
 
+    from vae.causal_conv import CausalConv3d
+
+    CausalConv3d.channels_last = channels_last  # SSVAE only: the layout its convs run in
     torch.set_num_threads(threads)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -136,6 +151,8 @@ def main(argv=None) -> None:
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS}")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1, help="runs per measurement; the best is reported")
+    parser.add_argument("--memory-format", choices=["channels_last_3d", "contiguous"], default="channels_last_3d",
+                        help="layout of the SSVAE's conv inputs (vae.causal_conv.CausalConv3d.channels_last)")
     args = parser.parse_args(argv)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     for name in names:
@@ -152,11 +169,13 @@ def main(argv=None) -> None:
         "dtype": "bf16-autocast" if torch.cuda.is_available() else "float32",
         "input_shape": [1, 3, args.frames, args.size, args.size],
         "threads": args.threads,
+        "ssvae_memory_format": args.memory_format,
         "models": {},
     }
     for name in names:
         queue = ctx.Queue()
-        proc = ctx.Process(target=run_one, args=(name, args.frames, args.size, args.threads, args.repeats, queue))
+        proc = ctx.Process(target=run_one, args=(name, args.frames, args.size, args.threads, args.repeats,
+                                                    args.memory_format == "channels_last_3d", queue))
         proc.start()
         proc.join()
         report["models"][name] = queue.get() if proc.exitcode == 0 else {"error": f"exit code {proc.exitcode}"}

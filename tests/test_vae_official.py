@@ -36,7 +36,12 @@ def golden(shared_dir):
     return path, config, load_file(str(path))
 
 
-def test_golden_tiny_outputs(golden):
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_golden_tiny_outputs(golden, monkeypatch, channels_last):
+    """Both conv layouts (channels-last-3d, the default for speed, and contiguous) give the released numbers."""
+    from vae.causal_conv import CausalConv3d
+
+    monkeypatch.setattr(CausalConv3d, "channels_last", channels_last)
     path, config, tensors = golden
     torch.manual_seed(0)
     model = load_official(path, config).eval()
@@ -44,6 +49,7 @@ def test_golden_tiny_outputs(golden):
         moments = model.encoder(tensors["io.input"])
         video = model.decoder(tensors["io.encoder_moments"][:, :48])
     assert moments.shape == tensors["io.encoder_moments"].shape
+    assert moments.is_contiguous() and video.is_contiguous()  # callers get the plain layout either way
     torch.testing.assert_close(moments, tensors["io.encoder_moments"], atol=1e-4, rtol=0)
     torch.testing.assert_close(video, tensors["io.decoder_output"], atol=1e-4, rtol=0)
     # The model-level API agrees with the raw modules (stats default to 0/1).

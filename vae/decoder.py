@@ -64,4 +64,4 @@ class Decoder(nn.Module):
             h = run_layers(level.block, h, ckpt)
             if hasattr(level, "upsample"):
                 h = run_layers([level.upsample], h, ckpt)
-        return self.out(h)
+        return self.out(h).contiguous()  # the convs run channels-last; callers get plain layout

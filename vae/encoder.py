@@ -78,4 +78,4 @@ class Encoder(nn.Module):
             if hasattr(level, "downsample"):
                 h = run_layers([level.downsample], h, ckpt)
         h = run_layers(self.mid, h, ckpt)
-        return self.out(h)
+        return self.out(h).contiguous()  # the convs run channels-last; callers get plain layout
