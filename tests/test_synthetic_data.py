@@ -93,7 +93,8 @@ def test_palette_colours_are_separable():
 
 
 @pytest.mark.parametrize("key,value", [("frames", 0), ("fps", 0.0), ("max_radius", 0.4), ("growth", 1.0),
-                                       ("max_travel", 2.0)])
+                                       ("max_travel", 2.0), ("shapes", ("circle", "hexagon")), ("colors", ()),
+                                       ("motions", ("left", "left")), ("textures", ("plain",))])
 def test_config_validation_names_the_key(key, value):
     cfg = SyntheticConfig(**{key: value})
     with pytest.raises(ValueError, match=key):
@@ -147,3 +148,33 @@ def test_make_default_data_writes_shards_and_is_idempotent(tmp_path):
     with pytest.raises(ValueError, match="other arguments"):
         make_default_data(out, num_videos=5, num_images=3, size=32, frames=5, fps=4, seed=8, shard_size=3,
                           show_progress=False)
+
+
+def test_large_shapes_must_leave_room_for_the_trip():
+    # Radius 0.25 with a 0.55 trip along an axis cannot stay inside the frame: refused up front, not mid-draw.
+    with pytest.raises(ValueError, match="max_travel"):
+        SyntheticConfig(min_radius=0.2, max_radius=0.25).validate()
+    SyntheticConfig(min_radius=0.16, max_radius=0.2, min_travel=0.35, max_travel=0.5).validate()
+
+
+def test_class_subsets_restrict_what_is_drawn_and_reach_the_manifest(tmp_path):
+    scene = dict(shapes=["circle", "square"], colors=["red"], motions=["left", "still"], textures=["gradient"],
+                 min_radius=0.16, max_radius=0.2, min_travel=0.35, max_travel=0.5)
+    cfg = SyntheticConfig(width=32, height=32, frames=3, **{k: tuple(v) if isinstance(v, list) else v
+                                                             for k, v in scene.items()})
+    truths = [make_sample(0, i, cfg)[2] for i in range(40)]
+    assert {t["shape"] for t in truths} == {"circle", "square"} and {t["color"] for t in truths} == {"red"}
+    assert {t["motion"] for t in truths} == {"left", "still"}
+    assert {t["background"]["texture"] for t in truths} == {"gradient"}
+    assert all(0.16 <= t["radius"][0] <= 0.2 for t in truths)
+    # The default classes draw what they drew before subsets existed (same random stream; recorded then).
+    truth = make_sample(0, 3, SyntheticConfig(width=32, height=32, frames=3))[2]
+    assert (truth["shape"], truth["color"], truth["motion"], truth["start"], truth["background"]["texture"]) == \
+        ("circle", "white", "left", [0.8358, 0.2236], "stripes")
+    out = tmp_path / "data"
+    make_default_data(out, num_videos=2, num_images=0, size=32, frames=3, show_progress=False, **scene)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["colors"] == ["red"] and manifest["config"]["max_radius"] == 0.2
+    make_default_data(out, num_videos=2, num_images=0, size=32, frames=3, show_progress=False, **scene)  # done: no-op
+    with pytest.raises(ValueError, match="unknown scene option"):
+        make_default_data(tmp_path / "other", num_videos=1, num_images=0, size=32, frames=3, shape="circle")

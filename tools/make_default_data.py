@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from tqdm import tqdm
@@ -56,9 +56,18 @@ def _write_kind(out: Path, kind: str, count: int, seed: int, cfg: SyntheticConfi
 
 def make_default_data(out: str | Path, num_videos: int = 256, num_images: int = 256, size: int = 128,
                       frames: int = 33, fps: float = 8.0, seed: int = 0, shard_size: int = 128,
-                      show_progress: bool = True) -> Path:
-    """Write (or finish writing) the default set into ``out``; returns the manifest's path."""
-    cfg = SyntheticConfig(width=size, height=size, frames=frames, fps=fps)
+                      show_progress: bool = True, **scene) -> Path:
+    """Write (or finish writing) the default set into ``out``; returns the manifest's path.
+
+    ``scene`` sets other ``SyntheticConfig`` fields: shape sizes (``min_radius``, ``max_radius``) and class subsets
+    (``shapes``, ``colors``, ``motions``, ``textures``); empty or None values keep the defaults.
+    """
+    known = {f.name for f in fields(SyntheticConfig)} - {"width", "height", "frames", "fps"}
+    unknown = sorted(set(scene) - known)
+    if unknown:
+        raise ValueError(f"unknown scene option(s) {unknown}; known: {sorted(known)}")
+    scene = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in scene.items() if v not in (None, [], ())}
+    cfg = SyntheticConfig(width=size, height=size, frames=frames, fps=fps, **scene)
     cfg.validate()
     if size % 2:
         raise ValueError(f"size must be even (H.264 yuv420p), got {size}")
@@ -70,6 +79,7 @@ def make_default_data(out: str | Path, num_videos: int = 256, num_images: int = 
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"generator": "infra.data.synthetic", "version": 1, "seed": seed, "num_videos": num_videos,
                 "num_images": num_images, "shard_size": shard_size, "config": asdict(cfg)}
+    manifest = json.loads(json.dumps(manifest))  # tuples as lists, as a manifest read back has them
     manifest_path = out / MANIFEST
     if manifest_path.is_file():
         existing = json.loads(manifest_path.read_text())
@@ -95,9 +105,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fps", type=float, default=8.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard-size", type=int, default=128, help="samples per shard")
+    parser.add_argument("--min-radius", type=float, default=None, help="smallest shape radius, fraction of the side")
+    parser.add_argument("--max-radius", type=float, default=None, help="largest shape radius, fraction of the side")
+    for name in ("shapes", "colors", "motions", "textures"):
+        parser.add_argument(f"--{name}", default=None, help=f"comma-separated subset of the {name} (default: all)")
     args = parser.parse_args(argv)
+    subsets = {name: getattr(args, name).split(",") if getattr(args, name) else None
+               for name in ("shapes", "colors", "motions", "textures")}
     path = make_default_data(args.out, args.num_videos, args.num_images, args.size, args.frames, args.fps, args.seed,
-                             args.shard_size)
+                             args.shard_size, min_radius=args.min_radius, max_radius=args.max_radius, **subsets)
     print(path)
 
 

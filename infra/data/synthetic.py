@@ -90,6 +90,11 @@ class SyntheticConfig:
     min_travel: float = 0.35  # distance travelled by a moving shape over the clip, fraction of the frame side
     max_travel: float = 0.55
     growth: float = 2.0  # radius ratio last/first frame of a growing shape
+    # The classes scenes are drawn from (uniformly); subsets make an easier set, e.g. for a CPU-scale study.
+    shapes: tuple[str, ...] = SHAPES
+    colors: tuple[str, ...] = tuple(COLORS)
+    motions: tuple[str, ...] = MOTIONS
+    textures: tuple[str, ...] = TEXTURES
 
     def validate(self) -> None:
         for name in ("width", "height", "frames"):
@@ -102,11 +107,18 @@ class SyntheticConfig:
                              f"{self.min_radius}/{self.max_radius}")
         if not 0 < self.min_travel <= self.max_travel:
             raise ValueError(f"min_travel must be > 0 and <= max_travel, got {self.min_travel}/{self.max_travel}")
-        # A diagonal trip covers max_travel / sqrt(2) per axis; the shape must still fit beside it.
-        if self.max_travel / math.sqrt(2) + 2 * self.max_radius > 0.95:
+        # A trip along an axis covers max_travel; the shape (and its 0.02 margin) must still fit beside it.
+        if self.max_travel + 2 * (self.max_radius + 0.02) > 1.0:
             raise ValueError(f"max_travel {self.max_travel} is too long for max_radius {self.max_radius}")
         if not self.growth > 1:
             raise ValueError(f"growth must be > 1, got {self.growth}")
+        for name, known in (("shapes", SHAPES), ("colors", tuple(COLORS)), ("motions", MOTIONS),
+                            ("textures", TEXTURES)):
+            chosen = getattr(self, name)
+            unknown = [c for c in chosen if c not in known]
+            if not chosen or unknown or len(set(chosen)) != len(chosen):
+                raise ValueError(f"{name} must be a non-empty subset of {list(known)} without repeats, got "
+                                 f"{list(chosen)}")
 
 
 # ----------------------------------------------------------------------------------------------------------- shapes
@@ -168,7 +180,7 @@ def background_is_safe(colors: list, margin: float = MIN_BACKGROUND_DISTANCE) ->
     return all(_color_distance_to_segment(a, b, np.asarray(f) / 255.0) >= margin for f in COLORS.values())
 
 
-def sample_background(rng: np.random.Generator) -> dict:
+def sample_background(rng: np.random.Generator, textures: tuple[str, ...] = TEXTURES) -> dict:
     name = str(rng.choice(list(BACKGROUND_COLORS)))
     base = np.asarray(BACKGROUND_COLORS[name], dtype=np.float64)
     for _ in range(100):
@@ -180,7 +192,7 @@ def sample_background(rng: np.random.Generator) -> dict:
             break
     else:  # pragma: no cover - the muted palette always leaves room
         colors = [list(BACKGROUND_COLORS[name]), [int(v * 0.5) for v in BACKGROUND_COLORS[name]]]
-    texture = str(rng.choice(TEXTURES))
+    texture = str(rng.choice(list(textures)))
     return {
         "texture": texture, "color": name, "colors": colors,
         "angle": round(float(rng.uniform(0, math.pi)), 4),  # stripe / gradient direction
@@ -231,10 +243,10 @@ def render_background(background: dict, height: int, width: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------------ sampling
 def sample_truth(rng: np.random.Generator, cfg: SyntheticConfig, video: bool = True) -> dict:
     """Draw a random scene. ``video=False`` draws an image scene (no motion)."""
-    shape = str(rng.choice(SHAPES))
-    color = str(rng.choice(list(COLORS)))
+    shape = str(rng.choice(list(cfg.shapes)))
+    color = str(rng.choice(list(cfg.colors)))
     rgb = [int(np.clip(v + rng.integers(-10, 11), 0, 255)) for v in COLORS[color]]
-    motion = str(rng.choice(MOTIONS)) if video else None
+    motion = str(rng.choice(list(cfg.motions))) if video else None
     radius = float(rng.uniform(cfg.min_radius, cfg.max_radius))
     r0 = r1 = radius
     dx = dy = 0.0
@@ -253,7 +265,7 @@ def sample_truth(rng: np.random.Generator, cfg: SyntheticConfig, video: bool = T
         "shape": shape, "color": color, "rgb": rgb, "motion": motion,
         "start": [round(sx, 4), round(sy, 4)], "end": [round(sx + dx, 4), round(sy + dy, 4)],
         "radius": [round(r0, 4), round(r1, 4)],
-        "background": sample_background(rng),
+        "background": sample_background(rng, cfg.textures),
     }
     # Per-frame centre x, centre y, radius (fractions of the frame side): derived, stored for readers of the meta.
     truth["trajectory"] = np.round(trajectory(truth, cfg.frames if video else 1), 4).tolist()
