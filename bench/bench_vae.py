@@ -16,8 +16,11 @@ Prints one JSON object. Numbers seen, seconds encode / decode at 1x3x17x256x256:
 | H200, bf16 autocast, best of 3                     | 0.030 / 0.052 | 0.038 / 0.090 | 0.076 / 0.181  |
 | H200, bf16, 1x3x49x512x512, one run                | 0.317 / 0.525 | 0.258 / 0.807 | -              |
 
-The reference SSVAE implementation was seen at 42 / 65 s on this CPU type (../shared/ENVIRONMENT.md), on a day when
-Wan 2.2 gave 26 / 123 and CogVideoX 68 / 151, i.e. a machine 1.1-1.5x faster than in the runs above. Profiling
+Against the reference implementation (zai-org/SSVAE `dc_3dvae.py` Encoder3D/Decoder3D, released configuration, run
+side by side in one script outside this repository, which does not vendor it; outputs agree to 4e-6 with the same
+weights): reference 63.0 / 86.9 s, ours 35.2 / 64.0 s, peak RSS 4.1 vs 3.5 GB (2-core CPU, fp32, one run each; a
+test run overlapped the reference's encode, so that one number is high). ENVIRONMENT.md saw the reference at
+42 / 65 s on a day when Wan 2.2 gave 26 / 123 and CogVideoX 68 / 151 (a machine 1.1-1.5x faster than above). Profiling
 (torch.profiler) put 80-85 % of the SSVAE's CPU time in the 3D convolutions; oneDNN runs them ~20 % faster on
 channels-last-3d input, and keeping every activation in that one layout avoids slow mixed-layout elementwise ops,
 hence `vae.causal_conv.CausalConv3d.channels_last` (numbers unchanged to 1e-5: tests/test_vae_official.py). On the

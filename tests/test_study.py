@@ -238,3 +238,61 @@ def test_shipped_study_configs_validate(monkeypatch):
              for v in tiny.variants}
     assert flags == {"baseline": (False, False), "lcr": (True, False), "lmr": (False, True), "lcr_lmr": (True, True)}
     assert not math.isnan(tiny.reward.threshold_fraction)
+
+
+def test_default_data_scene_options_reach_the_generated_set(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from tools.study import Study
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    cfg = load_config(StudyConfig, "configs/study/tiny.yaml", [
+        f"output_dir={tmp_path}", "data.real_footage=false", "data.default.num_videos=3", "data.default.num_images=0",
+        "data.default.size=32", "data.default.frames=5", "prompts.num_prompts=2", "data.default.colors=[red,blue]",
+        "data.default.motions=[left]"])
+    Study(cfg, "t").stage_data()
+    for folder in ("default", "prompts"):
+        truths = [json.loads(line)["truth"] for meta in sorted((tmp_path / "data" / folder).glob("*.meta.jsonl"))
+                  for line in meta.read_text().splitlines()]
+        assert truths and {t["color"] for t in truths} <= {"red", "blue"} and {t["motion"] for t in truths} == {"left"}
+    with pytest.raises(ConfigError, match=r"data\.default\.(min_radius/)?max_radius"):
+        load_config(StudyConfig, "configs/study/tiny.yaml", ["data.default.max_radius=0.4"])
+
+
+class _Identity(__import__("torch").nn.Module):
+    """A first stage whose latents are the clip itself (or, ``blank``, decode to grey)."""
+
+    def __init__(self, blank: bool = False):
+        import torch
+
+        super().__init__()
+        self.blank = blank
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def encode(self, video):
+        return video
+
+    def decode(self, latents):
+        return latents * 0 if self.blank else latents
+
+
+def test_reconstruction_reward_bounds_what_samples_can_score(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from tools.study import Study
+    from tools.study_report import markdown_tables
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    cfg = load_config(StudyConfig, "configs/study/tiny.yaml", [
+        f"output_dir={tmp_path}", "data.real_footage=false", "data.default.num_videos=1", "data.default.num_images=0",
+        "data.default.size=64", "data.default.frames=9", "prompts.num_prompts=3", "measure.frames=9",
+        "measure.size=64"])
+    study = Study(cfg, "t")
+    study.stage_data()
+    perfect, blank = study._reconstruction_reward(_Identity()), study._reconstruction_reward(_Identity(blank=True))
+    assert perfect["clips"] == 3 and perfect["original"] > 0.8 and perfect["mean"] == perfect["original"]
+    assert blank["mean"] == 0.0 and blank["original"] == perfect["original"]
+    summary = reward_summary({"a": {0: _curve([0.0, 0.0])}, "b": {0: _curve([0.0, 0.1])}}, "a")
+    text = markdown_tables(summary, {"a": {"reconstruction_reward": perfect}, "b": {"reconstruction_reward": blank}}, {})
+    assert "rec. reward" in text and f"| {perfect['mean']:.3f} |" in text
+    assert "**b: the VAE's own reconstructions score under half" in text

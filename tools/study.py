@@ -142,7 +142,8 @@ class Study:
         from tools.make_default_data import make_default_data
 
         d, cfg = self.cfg.data.default, self.cfg
-        args = dict(num_videos=d.num_videos, num_images=d.num_images, size=d.size, frames=d.frames, fps=d.fps)
+        args = dict(num_videos=d.num_videos, num_images=d.num_images, size=d.size, frames=d.frames, fps=d.fps,
+                    **d.scene())
         results = {"default": self.runner.run(
             "data/default", {"args": {**args, "seed": d.seed}},
             lambda: {"root": str(make_default_data(self.data / "default", **args, seed=d.seed).parent)},
@@ -271,13 +272,38 @@ class Study:
                 row["held_out"] = row["name"] in heldout
             (out / "reconstruction.json").write_text(json.dumps(rec, indent=1) + "\n")
             (out / "reconstruction.md").write_text(reconstruction_markdown(variant.name, rec))
+            ceiling = self._reconstruction_reward(stage) if self.cfg.reward.kind == "caption" else None
             return {"spectral_file": str(out / "spectral.json"), "spectral": _spectral_summary(analysis),
+                    "reconstruction_reward": ceiling,
                     "reconstruction_file": str(out / "reconstruction.json"),
                     "reconstruction_mean": rec["mean"], "reconstruction": [
                         {k: r[k] for k in ("name", "psnr", "ssim", "lpips", "held_out")} for r in rec["clips"]]}
 
         return self.runner.run(f"{variant.name}/measure", {"first_stage": first_stage.hash,
                                                            "measure": dataclasses.asdict(m)}, measure, clean=[out])
+
+    def _reconstruction_reward(self, stage) -> dict:
+        """Caption reward of the first stage's reconstructions of the prompt clips, beside that of the clips themselves.
+
+        A DiT's samples are decoded by this first stage, so its reconstructions of real prompt clips bound what they
+        can score: when this is near 0 the VAE, not the DiT, keeps the reward from moving.
+        """
+        from infra.data.eval_clips import load_eval_clips
+        from tools.caption_reward import score_batch
+
+        m = self.cfg.measure
+        batch = load_eval_clips(str(self.data / "prompts"), self.cfg.prompts.num_prompts, m.frames,
+                                self.cfg.data.default.fps, m.size, m.size)
+        truths = [meta["truth"] for meta in batch["meta"]]
+        clips = batch["video"]
+        device = next(stage.parameters()).device
+        with torch.no_grad():
+            recon = torch.cat([stage.decode(stage.encode(clips[i:i + m.batch_size].to(device))).float().cpu()
+                               for i in range(0, len(clips), m.batch_size)]).clamp(-1, 1)
+        scored = {"reconstructed": score_batch(recon, truths), "original": score_batch(clips, truths)}
+        return {"mean": scored["reconstructed"]["mean"]["total"], "original": scored["original"]["mean"]["total"],
+                "attributes": scored["reconstructed"]["mean"], "chance": scored["original"]["chance"]["total"],
+                "clips": len(truths)}
 
     def _heldout_roots(self) -> list[Path]:
         roots = [self.data / "real_heldout"] if self._has_real_heldout() else []

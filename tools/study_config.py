@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from infra.config import MISSING, check
 from infra.footage import CLIP_NAMES
@@ -31,12 +32,41 @@ class DefaultDataConfig:
     frames: int = 17
     fps: float = 8.0
     seed: int = 0
+    # Scene options of infra.data.synthetic.SyntheticConfig (None / empty: its defaults). Shapes as a fraction of the
+    # frame side; class subsets make an easier set (fewer captions to learn) for CPU-scale studies.
+    min_radius: Optional[float] = None
+    max_radius: Optional[float] = None
+    min_travel: Optional[float] = None
+    max_travel: Optional[float] = None
+    shapes: list[str] = field(default_factory=list)
+    colors: list[str] = field(default_factory=list)
+    motions: list[str] = field(default_factory=list)
+    textures: list[str] = field(default_factory=list)
+
+    def scene(self) -> dict:
+        """The scene options that are set, as ``tools.make_default_data`` keyword arguments."""
+        out = {}
+        for name in ("min_radius", "max_radius", "min_travel", "max_travel", "shapes", "colors", "motions",
+                     "textures"):
+            value = getattr(self, name)
+            if value is None or (isinstance(value, (list, tuple)) and not value):
+                continue
+            out[name] = list(value) if isinstance(value, (list, tuple)) else value
+        return out
 
     def validate(self, prefix: str = "default_data") -> None:
+        from infra.data.synthetic import SyntheticConfig
+
         check(self.num_videos >= 0 and self.num_images >= 0, f"{prefix}.num_videos/num_images", "must be >= 0")
         check(self.size >= 16 and self.size % 2 == 0, f"{prefix}.size", f"must be even and >= 16, got {self.size}")
         check(self.frames >= 1, f"{prefix}.frames", "must be >= 1")
         check(self.fps > 0, f"{prefix}.fps", "must be > 0")
+        scene = {k: tuple(v) if isinstance(v, list) else v for k, v in self.scene().items()}
+        try:
+            SyntheticConfig(**scene).validate()
+        except ValueError as err:  # the message starts with the field's name
+            key = next((k for k in scene if str(err).startswith(k)), str(err).split()[0])
+            check(False, f"{prefix}.{key}", str(err))
 
 
 @dataclass

@@ -182,16 +182,31 @@ def markdown_tables(summary: dict, measures: dict[str, dict], walls: dict[str, d
         gain = "-" if row["relative_gain"] is None else f"{100 * row['relative_gain']:+.1f} %"
         lines.append(f"| {variant} | {steps} | {speed} | {_pm(row['final'])} | {gain} | "
                      f"{row['seeds_reaching']}/{row['seeds']} |")
-    lines += ["", "| variant | rec. PSNR (dB) | SSIM | LPIPS | low-freq ratio | temporal low-freq ratio | "
-              "effective rank | top-4 share | mean kurtosis | VAE train (s) | DiT train (s, mean per seed) |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| variant | rec. PSNR (dB) | SSIM | LPIPS | rec. reward | low-freq ratio | "
+              "temporal low-freq ratio | effective rank | top-4 share | mean kurtosis | VAE train (s) | "
+              "DiT train (s, mean per seed) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    ceilings = []
     for variant, m in measures.items():
         rec, spec, wall = m.get("reconstruction_mean", {}), m.get("spectral", {}), walls.get(variant, {})
+        ceiling = m.get("reconstruction_reward") or {}
+        if ceiling:
+            ceilings.append((variant, ceiling))
         lines.append(
             f"| {variant} | {_fmt(rec.get('psnr'), 2)} | {_fmt(rec.get('ssim'))} | {_fmt(rec.get('lpips'))} | "
+            f"{_fmt(ceiling.get('mean'))} | "
             f"{_fmt(spec.get('low_freq_ratio'), 2)} | {_fmt(spec.get('temporal_low_freq_ratio'), 2)} | "
             f"{_fmt(spec.get('effective_rank'), 1)} | {_fmt(spec.get('top_4_share'))} | "
             f"{_fmt(spec.get('mean_kurtosis'), 2)} | {_fmt(wall.get('vae'), 0)} | {_fmt(wall.get('dit'), 0)} |")
+    if ceilings:
+        original = ceilings[0][1]["original"]
+        lines += ["", f"rec. reward: the caption reward of each VAE's reconstructions of the {ceilings[0][1]['clips']} "
+                  f"prompt clips (the clips themselves score {original:.3f}, chance {ceilings[0][1]['chance']:.3f}). "
+                  "DiT samples are decoded by the same VAE, so this bounds what they can score."]
+        weak = [v for v, c in ceilings if c["mean"] < 0.5 * original]
+        if weak:
+            lines.append(f"**{', '.join(weak)}: the VAE's own reconstructions score under half of the originals; "
+                         "a reward that stays low says more about the VAE budget than about diffusability.**")
     return "\n".join(lines) + "\n"
 
 
