@@ -9,6 +9,11 @@ bf16 (13 x 60 x 90 latents, 226 text tokens) and it adds tokens/s and model FLOP
 
     python bench/bench_dit.py                       # small CPU run
     python bench/bench_dit.py --size 2b             # CogVideoX-2B size (CUDA)
+
+Seen on one H200 (torch 2.11, bf16, SDPA, no gradient checkpointing, batch 1, 13x60x90 latents + 226 text tokens =
+17,776 tokens, median of 5 steps): ours 0.998 s/step, 17.8k tokens/s, 361 TFLOP/s (36.5 % MFU of 989), 47.6 GiB
+saved activations, 48.4 GiB peak; diffusers 0.997 s/step, 361 TFLOP/s, 48.3 GiB peak: the same speed and memory
+(both spend the step in the same cuBLAS GEMMs and SDPA flash kernels). bench/gpu_suite.sh runs this with the rest.
 """
 
 from __future__ import annotations
