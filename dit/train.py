@@ -209,13 +209,6 @@ class T2VTask(TrainTask):
             mean /= dist.get_world_size()
         return {"loss": mean.item(), "captions_dropped": float((keep == 0).float().mean())}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Called on resume. The trainer's EMA tensors are saved by rank 0 only, so under TP every rank would load
-        rank 0's shards: refuse that instead of training on wrong averages."""
-        if self.parallel.tensor_parallel_size > 1 and self.cfg.run.ema_decay > 0:
-            raise NotImplementedError("resuming a tensor-parallel run with an EMA is not supported yet (the EMA "
-                                      "checkpoint holds rank 0's shards only): run.ema_decay=0, or restart")
-
     # ------------------------------------------------------------------------------------------- evaluation
     def evaluate(self, step: int, ctx: StepContext) -> dict[str, float]:
         """Sample the fixed prompts to mp4, each data-parallel rank a share of them. The ranks of a TP x SP group

@@ -5,7 +5,8 @@ Layout under ``<output_dir>/checkpoints``::
     step_000100/            one complete checkpoint
       <engine name>/...     DeepSpeed's files for each engine (model, optimizer partitions per rank)
       trainer_state.json    step, data position, counters, the run config
-      tensors.safetensors   EMA weights and other tensors of the trainer
+      tensors.safetensors   EMA weights and other tensors of the trainer (rank 0's), or, under model parallelism,
+      tensors_rank<r>.safetensors   every rank's own (a TP group's ranks hold different EMA shards)
       rng_rank<r>.json      every rank's RNG states (python, numpy, torch)
       COMPLETE              written last; a folder without it is not a checkpoint
     latest                  name of the newest complete checkpoint
@@ -143,8 +144,10 @@ class CheckpointManager:
             raise FileNotFoundError(f"run.resume={resume!r} is not a complete checkpoint (no {MARKER} file in it)")
         return path
 
-    def save(self, step: int, engines: dict, trainer_state: dict, tensors: dict[str, torch.Tensor]) -> Path:
-        """Collective: every rank calls it. Returns the final folder."""
+    def save(self, step: int, engines: dict, trainer_state: dict, tensors: dict[str, torch.Tensor],
+             per_rank: bool = False) -> Path:
+        """Collective: every rank calls it. Returns the final folder. ``per_rank``: every rank's ``tensors`` differ
+        (model-parallel shards) and each is kept; else rank 0's stand for all."""
         final = self.path_for(step)
         tmp = self.root / f".tmp-{final.name}"
         if self.rank == 0:
@@ -154,15 +157,18 @@ class CheckpointManager:
         for name, engine in engines.items():
             engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
         (tmp / f"rng_rank{self.rank}.json").write_text(json.dumps(rng_state()))
+        if per_rank:
+            save_file(_cpu(tensors), str(tmp / f"tensors_rank{self.rank}.safetensors"))
         barrier()
         if self.rank == 0:
-            self._finalize(tmp, final, step, trainer_state, tensors)
+            self._finalize(tmp, final, step, trainer_state, None if per_rank else tensors)
         barrier()
         return final
 
-    def _finalize(self, tmp: Path, final: Path, step: int, trainer_state: dict, tensors: dict) -> None:
+    def _finalize(self, tmp: Path, final: Path, step: int, trainer_state: dict, tensors: dict | None) -> None:
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
+        if tensors is not None:
+            save_file(_cpu(tensors), str(tmp / "tensors.safetensors"))
         _fsync_tree(tmp)
         with open(tmp / MARKER, "w") as f:
             f.write(f"{step}\n")
@@ -188,7 +194,18 @@ class CheckpointManager:
         if rng_file.is_file():  # absent when resuming on more ranks than saved: the RNG then starts fresh
             set_rng_state(json.loads(rng_file.read_text()))
         state = json.loads((path / "trainer_state.json").read_text())
+        own = path / f"tensors_rank{self.rank}.safetensors"
+        if own.is_file():
+            return state, load_file(str(own))
+        if not (path / "tensors.safetensors").is_file():
+            saved = len(list(path.glob("tensors_rank*.safetensors")))
+            raise FileNotFoundError(f"checkpoint {path} holds per-rank trainer tensors (model parallelism) for "
+                                    f"{saved} ranks and none for rank {self.rank}: resume with the same ranks")
         return state, load_file(str(path / "tensors.safetensors"))
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
 def _fsync_tree(root: Path) -> None:

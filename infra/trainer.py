@@ -123,7 +123,9 @@ class Trainer:
         return tensors
 
     def save(self) -> None:
-        path = self.ckpt.save(self.step, self.engines, self._trainer_state(), self._tensors())
+        # Under model parallelism (an engine with an mpu) each rank's EMA holds its own shards: keep every rank's.
+        per_rank = any(spec.mpu is not None for spec in self.specs.values())
+        path = self.ckpt.save(self.step, self.engines, self._trainer_state(), self._tensors(), per_rank=per_rank)
         if self.dist.is_main:
             log.info("saved checkpoint %s", path)
 
