@@ -240,17 +240,24 @@ def test_shipped_study_configs_validate(monkeypatch):
     assert not math.isnan(tiny.reward.threshold_fraction)
 
 
-def test_default_data_scene_options_reach_the_generated_set(tmp_path, monkeypatch):
+def _data_only_study(tmp_path, monkeypatch, *overrides):
+    """The tiny study in ``tmp_path`` with no real footage and a few videos, its data made."""
     from pathlib import Path
 
     from tools.study import Study
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     cfg = load_config(StudyConfig, "configs/study/tiny.yaml", [
-        f"output_dir={tmp_path}", "data.real_footage=false", "data.default.num_videos=3", "data.default.num_images=0",
-        "data.default.size=32", "data.default.frames=5", "prompts.num_prompts=2", "data.default.colors=[red,blue]",
-        "data.default.motions=[left]"])
-    Study(cfg, "t").stage_data()
+        f"output_dir={tmp_path}", "data.real_footage=false", "data.default.num_images=0", *overrides])
+    study = Study(cfg, "t")
+    study.stage_data()
+    return study
+
+
+def test_default_data_scene_options_reach_the_generated_set(tmp_path, monkeypatch):
+    _data_only_study(tmp_path, monkeypatch, "data.default.num_videos=3", "data.default.size=32",
+                     "data.default.frames=5", "prompts.num_prompts=2", "data.default.colors=[red,blue]",
+                     "data.default.motions=[left]")
     for folder in ("default", "prompts"):
         truths = [json.loads(line)["truth"] for meta in sorted((tmp_path / "data" / folder).glob("*.meta.jsonl"))
                   for line in meta.read_text().splitlines()]
@@ -277,18 +284,10 @@ class _Identity(__import__("torch").nn.Module):
 
 
 def test_reconstruction_reward_bounds_what_samples_can_score(tmp_path, monkeypatch):
-    from pathlib import Path
-
-    from tools.study import Study
     from tools.study_report import markdown_tables
 
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
-    cfg = load_config(StudyConfig, "configs/study/tiny.yaml", [
-        f"output_dir={tmp_path}", "data.real_footage=false", "data.default.num_videos=1", "data.default.num_images=0",
-        "data.default.size=64", "data.default.frames=9", "prompts.num_prompts=3", "measure.frames=9",
-        "measure.size=64"])
-    study = Study(cfg, "t")
-    study.stage_data()
+    study = _data_only_study(tmp_path, monkeypatch, "data.default.num_videos=1", "data.default.size=64",
+                             "data.default.frames=9", "prompts.num_prompts=3", "measure.frames=9", "measure.size=64")
     perfect, blank = study._reconstruction_reward(_Identity()), study._reconstruction_reward(_Identity(blank=True))
     assert perfect["clips"] == 3 and perfect["original"] > 0.8 and perfect["mean"] == perfect["original"]
     assert blank["mean"] == 0.0 and blank["original"] == perfect["original"]
