@@ -262,7 +262,7 @@ def test_default_data_scene_options_reach_the_generated_set(tmp_path, monkeypatc
         truths = [json.loads(line)["truth"] for meta in sorted((tmp_path / "data" / folder).glob("*.meta.jsonl"))
                   for line in meta.read_text().splitlines()]
         assert truths and {t["color"] for t in truths} <= {"red", "blue"} and {t["motion"] for t in truths} == {"left"}
-    with pytest.raises(ConfigError, match=r"data\.default\.(min_radius/)?max_radius"):
+    with pytest.raises(ConfigError, match=r"data\.default\.min_radius/max_radius"):
         load_config(StudyConfig, "configs/study/tiny.yaml", ["data.default.max_radius=0.4"])
 
 

@@ -64,9 +64,8 @@ class DefaultDataConfig:
         scene = {k: tuple(v) if isinstance(v, list) else v for k, v in self.scene().items()}
         try:
             SyntheticConfig(**scene).validate()
-        except ValueError as err:  # the message starts with the field's name
-            key = next((k for k in scene if str(err).startswith(k)), str(err).split()[0])
-            check(False, f"{prefix}.{key}", str(err))
+        except ValueError as err:  # the message starts with the field's name(s), e.g. "min_radius/max_radius"
+            check(False, f"{prefix}.{str(err).split()[0]}", str(err))
 
 
 @dataclass
