@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 from tqdm import tqdm
 
 from infra.data.shard_writer import ShardWriter, encode_image, encode_mp4
-from infra.data.synthetic import SyntheticConfig, make_sample
+from infra.data.synthetic import SyntheticConfig, make_sample, scene_options
 
 MANIFEST = "manifest.json"
 
@@ -62,12 +62,7 @@ def make_default_data(out: str | Path, num_videos: int = 256, num_images: int = 
     ``scene`` sets other ``SyntheticConfig`` fields: shape sizes (``min_radius``, ``max_radius``) and class subsets
     (``shapes``, ``colors``, ``motions``, ``textures``); empty or None values keep the defaults.
     """
-    known = {f.name for f in fields(SyntheticConfig)} - {"width", "height", "frames", "fps"}
-    unknown = sorted(set(scene) - known)
-    if unknown:
-        raise ValueError(f"unknown scene option(s) {unknown}; known: {sorted(known)}")
-    scene = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in scene.items() if v not in (None, [], ())}
-    cfg = SyntheticConfig(width=size, height=size, frames=frames, fps=fps, **scene)
+    cfg = SyntheticConfig(width=size, height=size, frames=frames, fps=fps, **scene_options(**scene))
     cfg.validate()
     if size % 2:
         raise ValueError(f"size must be even (H.264 yuv420p), got {size}")

@@ -8,7 +8,7 @@ which overrides each variant adds. Every composed run config is validated before
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -45,14 +45,9 @@ class DefaultDataConfig:
 
     def scene(self) -> dict:
         """The scene options that are set, as ``tools.make_default_data`` keyword arguments."""
-        out = {}
-        for name in ("min_radius", "max_radius", "min_travel", "max_travel", "shapes", "colors", "motions",
-                     "textures"):
-            value = getattr(self, name)
-            if value is None or (isinstance(value, (list, tuple)) and not value):
-                continue
-            out[name] = list(value) if isinstance(value, (list, tuple)) else value
-        return out
+        from infra.data.synthetic import SCENE_OPTIONS, scene_options
+
+        return scene_options(**{f.name: getattr(self, f.name) for f in fields(self) if f.name in SCENE_OPTIONS})
 
     def validate(self, prefix: str = "default_data") -> None:
         from infra.data.synthetic import SyntheticConfig
@@ -61,9 +56,8 @@ class DefaultDataConfig:
         check(self.size >= 16 and self.size % 2 == 0, f"{prefix}.size", f"must be even and >= 16, got {self.size}")
         check(self.frames >= 1, f"{prefix}.frames", "must be >= 1")
         check(self.fps > 0, f"{prefix}.fps", "must be > 0")
-        scene = {k: tuple(v) if isinstance(v, list) else v for k, v in self.scene().items()}
         try:
-            SyntheticConfig(**scene).validate()
+            SyntheticConfig(**self.scene()).validate()
         except ValueError as err:  # the message starts with the field's name(s), e.g. "min_radius/max_radius"
             check(False, f"{prefix}.{str(err).split()[0]}", str(err))
 

@@ -15,7 +15,7 @@ Design choices that the caption reward relies on:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -119,6 +119,20 @@ class SyntheticConfig:
             if not chosen or unknown or len(set(chosen)) != len(chosen):
                 raise ValueError(f"{name} must be a non-empty subset of {list(known)} without repeats, got "
                                  f"{list(chosen)}")
+
+
+# Every field but the clip geometry: what a data set's scene is drawn from.
+SCENE_OPTIONS = tuple(f.name for f in fields(SyntheticConfig) if f.name not in ("width", "height", "frames", "fps"))
+
+
+def scene_options(**options) -> dict:
+    """The scene options that are set, ready for ``SyntheticConfig(**...)``: None and empty values mean "the
+    default" and are dropped, lists become tuples; a name that is not in ``SCENE_OPTIONS`` raises."""
+    unknown = sorted(set(options) - set(SCENE_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown scene option(s) {unknown}; known: {list(SCENE_OPTIONS)}")
+    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in options.items()
+            if v is not None and not (isinstance(v, (list, tuple)) and not v)}
 
 
 # ----------------------------------------------------------------------------------------------------------- shapes
