@@ -22,7 +22,7 @@ def test_released_stage_configs_follow_the_recipe():
     assert (s1.data.height, s2.data.height) == (256, 512)
     assert s1.loss.lcr.enabled and s1.loss.lmr.enabled and s1.loss.disc_start == 25001
     assert s2.model.encoder.frozen and not s2.loss.lcr.enabled and s2.loss.lmr.enabled and s2.loss.disc_start == 0
-    assert s2.loss.lmr.settings_for(512 // 16) == ([0.6, 0.1, 0.15, 0.15], [2, 2, 2])
+    assert s2.loss.lmr.settings_for(512) == ([0.6, 0.1, 0.15, 0.15], [2, 2, 2])
     assert (s1.optimizer.lr, s1.disc_optimizer.lr, s1.optimizer.warmup_start_lr) == (5e-5, 5e-6, 2e-6)
     assert s1.model.encoder.ch == 32 and list(s1.model.encoder.ch_mult) == [2, 4, 8, 16, 16]
     assert s1.deepspeed.precision == "bf16"

@@ -5,6 +5,7 @@ import torch
 from infra.data.buckets import frame_offsets, frame_span, start_frame
 from infra.data.decode import TruncatedVideo, decode_all, decode_image, open_video
 from infra.data.shard_writer import encode_image
+from infra.data.config import DataConfig
 from infra.data.transforms import crop_box, frames_to_tensor
 from test_data_helpers import LEVEL0, LEVEL_STEP, video_entry
 
@@ -57,6 +58,18 @@ def test_crop_box_covers_target_and_centre_crop_is_centred():
     assert crop_box(720, 1280, 144, 256, 0.5, 0.5) == (0, 0, 720, 1280)
     top, left, h, w = crop_box(100, 100, 64, 128, 0.5, 0.5)  # wider target: crop rows
     assert (w, h, left) == (100, 50, 0) and top == 25
+
+
+def test_resize_cuts_crops_out_of_frames_seen_at_that_size():
+    # 64-pixel frames (from 405x720): a 32x32 crop covers half the short side, not all of it.
+    assert crop_box(405, 720, 32, 32, 0.5, 0.5, resize=64) == (102, 259, 202, 202)
+    assert crop_box(64, 64, 32, 32, 0.0, 1.0, resize=64) == (0, 32, 32, 32)  # no rescaling, a plain crop
+    assert crop_box(64, 64, 32, 32, 0.5, 0.5, resize=0) == (0, 0, 64, 64)  # without resize: the whole frame
+    frames = np.zeros((1, 64, 64, 3), np.uint8)
+    frames[:, :32, :32] = 255  # top-left quarter white
+    assert torch.equal(frames_to_tensor(frames, 32, 32, 0.0, 0.0, resize=64), torch.ones(3, 1, 32, 32))
+    with pytest.raises(ValueError, match="resize"):
+        DataConfig(video_roots="x", height=32, width=32, resize=16).validate()
 
 
 def test_frames_to_tensor_shape_range_and_content():

@@ -22,7 +22,7 @@ def masked_positions(z_masked: torch.Tensor, token: torch.Tensor) -> torch.Tenso
 def test_masked_fraction_equals_ratio_and_positions_shared_across_batch(ratio):
     z = torch.randn(3, C, 5, 16, 16)  # 256p latent: 1x1x1 blocks
     token = torch.randn(1, C, 1, 1, 1)
-    out, used = apply_lmr(z, token, always(ratio), training=True, generator=torch.Generator().manual_seed(0))
+    out, used = apply_lmr(z, token, always(ratio), training=True, resolution=256, generator=torch.Generator().manual_seed(0))
     assert used == ratio
     masked = masked_positions(out, token)
     assert masked[0].sum().item() == int(5 * 16 * 16 * ratio)
@@ -36,7 +36,7 @@ def test_masked_fraction_equals_ratio_and_positions_shared_across_batch(ratio):
 def test_512p_masks_whole_2x2x2_blocks():
     z = torch.randn(2, C, 5, 32, 32)
     token = torch.full((1, C, 1, 1, 1), 7.0)
-    out, used = apply_lmr(z, token, always(0.5), training=True, generator=torch.Generator().manual_seed(1))
+    out, used = apply_lmr(z, token, always(0.5), training=True, resolution=512, generator=torch.Generator().manual_seed(1))
     masked = masked_positions(out, token)[0]
     assert masked[4].sum() == 0  # the trailing frame fills no whole temporal block
     blocks = masked[:4].reshape(2, 2, 16, 2, 16, 2).permute(0, 2, 4, 1, 3, 5).reshape(-1, 8)
@@ -54,19 +54,19 @@ def test_block_clipped_for_512p_image_and_at_least_one_block():
 def test_eval_and_disabled_never_mask():
     z = torch.randn(2, C, 5, 16, 16)
     token = torch.randn(1, C, 1, 1, 1)
-    out, used = apply_lmr(z, token, always(0.75), training=False)
+    out, used = apply_lmr(z, token, always(0.75), training=False, resolution=256)
     assert out is z and used == 0.0
     config = always(0.75)
     config.enabled = False
-    out, used = apply_lmr(z, token, config, training=True)
+    out, used = apply_lmr(z, token, config, training=True, resolution=256)
     assert out is z and used == 0.0
 
 
 def test_deterministic_given_generator():
     z = torch.randn(1, C, 5, 16, 16)
     token = torch.randn(1, C, 1, 1, 1)
-    a, ra = apply_lmr(z, token, LMRConfig(), True, torch.Generator().manual_seed(3))
-    b, rb = apply_lmr(z, token, LMRConfig(), True, torch.Generator().manual_seed(3))
+    a, ra = apply_lmr(z, token, LMRConfig(), True, 256, torch.Generator().manual_seed(3))
+    b, rb = apply_lmr(z, token, LMRConfig(), True, 256, torch.Generator().manual_seed(3))
     assert ra == rb and torch.equal(a, b)
 
 
@@ -74,7 +74,7 @@ def test_deterministic_given_generator():
 def test_ratio_distribution(resolution, probs):
     config = LMRConfig()
     generator = torch.Generator().manual_seed(0)
-    got_probs, _ = config.settings_for(resolution // 16)
+    got_probs, _ = config.settings_for(resolution)
     assert got_probs == probs
     draws = [sample_mask_ratio(config.mask_ratios, got_probs, generator) for _ in range(4000)]
     for ratio, p in zip(config.mask_ratios, probs):
@@ -84,7 +84,7 @@ def test_ratio_distribution(resolution, probs):
 def test_gradient_flows_into_mask_token_and_latent():
     z = torch.randn(2, C, 5, 16, 16, requires_grad=True)
     token = torch.randn(1, C, 1, 1, 1, requires_grad=True)
-    out, ratio = apply_lmr(z, token, always(0.25), True, torch.Generator().manual_seed(0))
+    out, ratio = apply_lmr(z, token, always(0.25), True, 256, torch.Generator().manual_seed(0))
     out.sum().backward()
     n_masked = int(5 * 16 * 16 * ratio)
     torch.testing.assert_close(token.grad.flatten(), torch.full((C,), 2.0 * n_masked))
@@ -94,9 +94,9 @@ def test_gradient_flows_into_mask_token_and_latent():
 def test_clear_errors():
     token = torch.randn(1, C, 1, 1, 1)
     with pytest.raises(ValueError, match="resolution 384"):
-        apply_lmr(torch.randn(1, C, 5, 24, 24), token, LMRConfig(), training=True)
+        apply_lmr(torch.randn(1, C, 5, 24, 24), token, LMRConfig(), training=True, resolution=384)
     with pytest.raises(ValueError, match="mask_token"):
-        apply_lmr(torch.randn(1, C + 1, 5, 16, 16), token, LMRConfig(), training=True)
+        apply_lmr(torch.randn(1, C + 1, 5, 16, 16), token, LMRConfig(), training=True, resolution=256)
 
 
 @pytest.mark.parametrize("kwargs,key", [
@@ -104,7 +104,6 @@ def test_clear_errors():
     ({"mask_probs": {256: [0.5, 0.5, 0.5, 0.5], 512: [1, 0, 0, 0]}}, "lmr.mask_probs.256"),
     ({"block_sizes": {256: [1, 1], 512: [2, 2, 2]}}, "lmr.block_sizes.256"),
     ({"block_sizes": {256: [1, 1, 1]}}, "lmr.mask_probs/block_sizes"),
-    ({"spatial_compression": 0}, "lmr.spatial_compression"),
 ])
 def test_config_validation_names_key(kwargs, key):
     with pytest.raises(ValueError, match=key):

@@ -157,7 +157,7 @@ def test_eval_mode_needs_no_gradients_and_keeps_perceptual_in_eval():
     assert logs["scalars/gan_adaptive_weight"] == 1.0 and logs["scalars/lcr_adaptive_weight"] == 1.0
     assert torch.isfinite(loss)
     z = torch.randn(1, LATENT, 3, 16, 16)
-    assert loss_fn.apply_lmr(z, torch.zeros(1, LATENT, 1, 1, 1))[0] is z  # eval never masks
+    assert loss_fn.apply_lmr(z, torch.zeros(1, LATENT, 1, 1, 1), resolution=256)[0] is z  # eval never masks
 
 
 def test_discriminator_loss_goes_down_on_fixed_fakes():
@@ -180,8 +180,8 @@ def test_discriminator_loss_goes_down_on_fixed_fakes():
 
 
 def test_tiny_autoencoder_training_lowers_the_loss():
-    # The stand-in halves space, so its "resolution" is latent height x 2; mask often to exercise LMR.
-    lmr = LMRConfig(spatial_compression=2, mask_probs={16: [0.4, 0.2, 0.2, 0.2]}, block_sizes={16: [1, 1, 1]})
+    # Mask often to exercise LMR (16x16 frames).
+    lmr = LMRConfig(mask_probs={16: [0.4, 0.2, 0.2, 0.2]}, block_sizes={16: [1, 1, 1]})
     loss_fn = make_loss(disc_start=6, lmr=lmr)
     model = TinyAutoencoder()
     mask_token = nn.Parameter(torch.randn(1, LATENT, 1, 1, 1))
@@ -193,7 +193,7 @@ def test_tiny_autoencoder_training_lowers_the_loss():
     l1 = []
     for step in range(40):
         posterior = DiagonalGaussian(model.encoder(x))
-        z, ratio = loss_fn.apply_lmr(posterior.sample(generator), mask_token, generator)
+        z, ratio = loss_fn.apply_lmr(posterior.sample(generator), mask_token, x.shape[3], generator)
         recon = model.decoder(z)
         if loss_fn.is_discriminator_step(step):
             loss, _ = loss_fn.discriminator_loss(x, recon, step)
@@ -235,7 +235,7 @@ def test_works_with_the_ssvae_model():
                         discriminator=DiscriminatorConfig(ndf=2, max_spatial_down=4, max_temporal_down=4))
     x = video(frames=5, size=32)
     posterior = model.posterior(x)
-    z, ratio = loss_fn.apply_lmr(posterior.sample(), model.mask_token, torch.Generator().manual_seed(0))
+    z, ratio = loss_fn.apply_lmr(posterior.sample(), model.mask_token, x.shape[3], torch.Generator().manual_seed(0))
     loss, logs = loss_fn.generator_loss(x, model.decoder(z), posterior, 1, model.encoder_last_layer,
                                         model.decoder_last_layer, lmr_ratio=ratio)
     loss.backward()

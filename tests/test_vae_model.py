@@ -172,3 +172,57 @@ def test_config_validation_names_the_key():
         SSVAEConfig(latent_std=(1.0,) * 47).validate()
     with pytest.raises(ValueError, match="unknown encoder key"):
         SSVAEConfig.from_dict({"encoder": {"chh": 3}})
+
+
+def shortcut_config(**kw) -> SSVAEConfig:
+    """The tiny study's design: 4x space, 4x time, boundary shortcuts, residual branches starting at zero."""
+    common = dict(ch=12, ch_mult=(1, 2, 4), num_res_blocks=1, num_mid_blocks=1, z_channels=48,
+                  boundary_shortcuts=True, init="residual_zero")
+    return SSVAEConfig(encoder=EncoderConfig(**common, temporal_downsample=(True, True), **kw),
+                       decoder=DecoderConfig(**common, temporal_upsample=(True, True)))
+
+
+def test_untrained_shortcut_vae_is_a_local_pooling():
+    """With every residual branch at zero, decode(encode(x)) averages 4x4 pixel blocks of each frame: a video that is
+    constant on those blocks comes back exactly, and any video comes back as its block means."""
+    torch.manual_seed(0)
+    model = SSVAE(shortcut_config(logvar_init=-8.0)).eval()
+    blocks = torch.rand(2, 3, 9, 4, 4) * 2 - 1
+    x = blocks.repeat_interleave(4, dim=3).repeat_interleave(4, dim=4)
+    with torch.no_grad():
+        posterior = model.posterior(x)
+        torch.testing.assert_close(model.decoder(posterior.mode()), x, atol=1e-5, rtol=0)
+        assert torch.allclose(posterior.logvar, torch.full_like(posterior.logvar, -8.0))
+        noisy = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+        pooled = torch.nn.functional.avg_pool3d(noisy, (1, 4, 4)).repeat_interleave(4, 3).repeat_interleave(4, 4)
+        torch.testing.assert_close(model.decoder(model.posterior(noisy).mode()), pooled, atol=1e-5, rtol=0)
+
+
+def test_shortcut_vae_stays_causal_and_trains():
+    torch.manual_seed(0)
+    model = SSVAE(shortcut_config())
+    x = torch.rand(1, 3, 9, 16, 16) * 2 - 1
+    later = x.clone()
+    later[:, :, 5:] = torch.rand(1, 3, 4, 16, 16)
+    with torch.no_grad():
+        a, b = model.encode(x), model.encode(later)
+        assert torch.equal(a[:, :, :2], b[:, :, :2]) and not torch.equal(a[:, :, 2], b[:, :, 2])
+    loss = (model.decoder(model.posterior(x).mode()) - x).abs().mean()
+    loss.backward()
+    # Zero-initialised branches still get gradients (their last conv first), so training can move them.
+    assert model.decoder.up[0].block[0].conv2.conv.weight.grad.abs().sum() > 0
+    assert model.encoder.conv_in.conv.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kw,key", [
+    (dict(encoder=EncoderConfig(ch=8, boundary_shortcuts=True, ch_mult=(1, 2), temporal_downsample=(True,),
+                                z_channels=48)), "encoder.boundary_shortcuts"),
+    (dict(decoder=DecoderConfig(ch=12, ch_mult=(1, 5), temporal_upsample=(True,), boundary_shortcuts=True,
+                                z_channels=48)), "decoder.boundary_shortcuts"),
+    (dict(encoder=EncoderConfig(init="zeros")), "encoder.init"),
+    (dict(encoder=EncoderConfig(logvar_init=-4.0)), "encoder.logvar_init"),
+])
+def test_shortcut_config_errors_name_the_key(kw, key):
+    with pytest.raises(ValueError, match=key):
+        for part in kw.values():
+            part.validate()

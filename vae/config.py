@@ -11,6 +11,14 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 NORM_KINDS = ("rmsnorm", "groupnorm")
+INITS = ("default", "residual_zero")
+
+
+def _check_resizable(a: int, b: int, prefix: str, key: str, what: str) -> None:
+    """A parameter-free shortcut between widths a and b repeats or averages channels: one must divide the other."""
+    if max(a, b) % min(a, b):
+        raise ValueError(f"{prefix}.boundary_shortcuts needs {what} widths that divide one another, got {a} and {b} "
+                         f"(change {prefix}.{key})")
 
 
 def _check_common(cfg: "EncoderConfig | DecoderConfig", prefix: str, temporal_key: str) -> None:
@@ -34,6 +42,8 @@ def _check_common(cfg: "EncoderConfig | DecoderConfig", prefix: str, temporal_ke
             f"{prefix}.{temporal_key} needs one entry per resampling (len(ch_mult) - 1 = {len(cfg.ch_mult) - 1}), "
             f"got {len(temporal)}"
         )
+    if cfg.init not in INITS:
+        raise ValueError(f"{prefix}.init must be one of {INITS}, got {cfg.init!r}")
     if cfg.norm == "groupnorm":
         widths = {cfg.ch * m for m in cfg.ch_mult} | {cfg.ch}
         bad = sorted(w for w in widths if w % 32)
@@ -59,11 +69,27 @@ class EncoderConfig:
     gradient_checkpointing: bool = False
     # Stage 2 of the recipe fine-tunes the decoder only.
     frozen: bool = False
+    # DC-AE's residual autoencoding at the latent boundary too (the released model has it only in its resampling):
+    # conv_in adds its input repeated over channels, the posterior mean adds the last features averaged down to
+    # z_channels. With init "residual_zero" the untrained encoder is then a fixed local averaging of pixels.
+    boundary_shortcuts: bool = False
+    # "residual_zero": the last conv of every residual branch (resnet blocks, resampling, boundary convs) starts at
+    # zero, so training starts from the shortcuts alone; "default": PyTorch's initialisation (the released model).
+    init: str = "default"
+    # Initial bias of the posterior log-variance channels (with init "residual_zero"): a small posterior noise at
+    # the start lets the decoder read the latent before the KL term shapes the variance.
+    logvar_init: float = 0.0
 
     def validate(self) -> None:
         if self.in_channels < 1:
             raise ValueError(f"encoder.in_channels must be >= 1, got {self.in_channels}")
         _check_common(self, "encoder", "temporal_downsample")
+        if self.logvar_init != 0.0 and self.init != "residual_zero":
+            raise ValueError(f"encoder.logvar_init applies with encoder.init 'residual_zero', got init {self.init!r}")
+        if self.boundary_shortcuts:
+            _check_resizable(self.in_channels, self.ch, "encoder", "ch", "in_channels and ch")
+            _check_resizable(self.ch * self.ch_mult[-1], self.z_channels, "encoder", "ch_mult",
+                             "the last level's and z_channels")
 
 
 @dataclass
@@ -82,11 +108,19 @@ class DecoderConfig:
     dropout: float = 0.0
     mid_attention: bool = True
     gradient_checkpointing: bool = False
+    # As the encoder's: conv_in adds the latent repeated over channels, the output adds the last features averaged
+    # down to out_channels; with init "residual_zero" the untrained decoder is a fixed un-pooling.
+    boundary_shortcuts: bool = False
+    init: str = "default"
 
     def validate(self) -> None:
         if self.out_channels < 1:
             raise ValueError(f"decoder.out_channels must be >= 1, got {self.out_channels}")
         _check_common(self, "decoder", "temporal_upsample")
+        if self.boundary_shortcuts:
+            _check_resizable(self.z_channels, self.ch * self.ch_mult[-1], "decoder", "ch_mult",
+                             "z_channels and the first level's")
+            _check_resizable(self.ch, self.out_channels, "decoder", "ch", "ch and out_channels")
 
 
 # Released YAML keys that we accept only with these values (other values select code paths we do not implement).

@@ -7,9 +7,9 @@ from torch import nn
 
 from vae.causal_conv import CausalConv3d
 from vae.config import DecoderConfig
-from vae.encoder import run_layers
+from vae.encoder import residual_zero_init, run_layers
 from vae.layers import AttentionBlock, ResnetBlock, make_norm
-from vae.resample import ResidualUpsample
+from vae.resample import ResidualUpsample, channel_resize
 
 
 class DecoderLevel(nn.Module):
@@ -50,6 +50,8 @@ class Decoder(nn.Module):
         self.out = nn.Sequential(
             make_norm(config.norm, block_in), nn.SiLU(), CausalConv3d(block_in, config.out_channels, 3)
         )
+        if config.init == "residual_zero":
+            residual_zero_init(self, config.boundary_shortcuts)
 
     @property
     def last_layer(self) -> nn.Parameter:
@@ -58,10 +60,16 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         ckpt = self.config.gradient_checkpointing and self.training
+        shortcuts = self.config.boundary_shortcuts
         h = self.conv_in(z)
+        if shortcuts:
+            h = h + channel_resize(z, h.shape[1])
         h = run_layers(self.mid, h, ckpt)
         for level in self.up:
             h = run_layers(level.block, h, ckpt)
             if hasattr(level, "upsample"):
                 h = run_layers([level.upsample], h, ckpt)
-        return self.out(h).contiguous()  # the convs run channels-last; callers get plain layout
+        out = self.out(h)
+        if shortcuts:
+            out = out + channel_resize(h, out.shape[1])
+        return out.contiguous()  # the convs run channels-last; callers get plain layout

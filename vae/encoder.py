@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 from vae.causal_conv import CausalConv3d
 from vae.config import EncoderConfig
 from vae.layers import AttentionBlock, ResnetBlock, make_norm
-from vae.resample import ResidualDownsample
+from vae.resample import ResidualDownsample, ResidualUpsample, channel_resize, zero_
 
 
 class EncoderLevel(nn.Module):
@@ -21,6 +21,22 @@ class EncoderLevel(nn.Module):
         self.block = nn.ModuleList(blocks)
         if downsample is not None:
             self.downsample = downsample
+
+
+def residual_zero_init(module: nn.Module, boundary: bool) -> None:
+    """Init "residual_zero": every residual branch's last conv (resnet blocks, resampling convs, attention output)
+    starts at zero, and with ``boundary`` shortcuts also conv_in and the output conv, so the untrained network is
+    its parameter-free shortcuts alone."""
+    for layer in module.modules():
+        if isinstance(layer, ResnetBlock):
+            zero_(layer.conv2)
+        elif isinstance(layer, AttentionBlock):
+            zero_(layer.proj)
+        elif isinstance(layer, (ResidualDownsample, ResidualUpsample)):
+            zero_(layer.conv)
+    if boundary:
+        zero_(module.conv_in)
+        zero_(module.out[2])
 
 
 def run_layers(layers, h: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
@@ -62,6 +78,10 @@ class Encoder(nn.Module):
         self.out = nn.Sequential(
             make_norm(config.norm, block_in), nn.SiLU(), CausalConv3d(block_in, 2 * config.z_channels, 3)
         )
+        if config.init == "residual_zero":
+            residual_zero_init(self, config.boundary_shortcuts)
+            with torch.no_grad():
+                self.out[2].conv.bias[config.z_channels:] = config.logvar_init
         if config.frozen:
             self.requires_grad_(False)
 
@@ -72,10 +92,17 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ckpt = self.config.gradient_checkpointing and self.training
+        shortcuts = self.config.boundary_shortcuts
         h = self.conv_in(x)
+        if shortcuts:
+            h = h + channel_resize(x, h.shape[1])
         for level in self.down:
             h = run_layers(level.block, h, ckpt)
             if hasattr(level, "downsample"):
                 h = run_layers([level.downsample], h, ckpt)
         h = run_layers(self.mid, h, ckpt)
-        return self.out(h).contiguous()  # the convs run channels-last; callers get plain layout
+        moments = self.out(h)
+        if shortcuts:  # the posterior mean only; the log-variance has no natural shortcut
+            z = self.config.z_channels
+            moments = torch.cat([moments[:, :z] + channel_resize(h, z), moments[:, z:]], dim=1)
+        return moments.contiguous()  # the convs run channels-last; callers get plain layout

@@ -3,7 +3,9 @@
 SPEC-ssvae.md ("LMR"): after sampling z and before decoding, draw a mask ratio (0 most of the time), cut the latent's
 (T, H, W) grid into blocks, replace a random set of whole blocks by a learned mask token in all channels, and let the
 decoder reconstruct the full video anyway. The mask ratio distribution and block size depend on the training
-resolution (= latent height x 16). The same positions are masked in every sample of the batch. Evaluation never masks.
+resolution (the height of the input frames, in pixels: 256 or 512 in the released recipe), which the caller passes,
+so the settings do not depend on the model's compression. The same positions are masked in every sample of the
+batch. Evaluation never masks.
 
 Two shape rules, decided here:
 - Blocks tile the grid from the origin; trailing frames/rows/columns that do not fill a whole block are never
@@ -20,14 +22,13 @@ import torch
 
 @dataclass
 class LMRConfig:
-    """Mask-ratio distribution and block size per training resolution (pixels, = latent height x 16)."""
+    """Mask-ratio distribution and block size per training resolution (the input frames' height in pixels)."""
 
     enabled: bool = True
     mask_ratios: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75])
     mask_probs: dict[int, list[float]] = field(
         default_factory=lambda: {256: [0.7, 0.1, 0.1, 0.1], 512: [0.6, 0.1, 0.15, 0.15]})
     block_sizes: dict[int, list[int]] = field(default_factory=lambda: {256: [1, 1, 1], 512: [2, 2, 2]})
-    spatial_compression: int = 16  # resolution = latent height * spatial_compression
 
     def validate(self, prefix: str = "lmr") -> None:
         if not self.mask_ratios or any(not 0.0 <= r < 1.0 for r in self.mask_ratios):
@@ -44,15 +45,12 @@ class LMRConfig:
         if set(self.mask_probs) != set(self.block_sizes):
             raise ValueError(f"{prefix}.mask_probs/block_sizes: must name the same resolutions, got "
                              f"{sorted(self.mask_probs)} and {sorted(self.block_sizes)}")
-        if self.spatial_compression < 1:
-            raise ValueError(f"{prefix}.spatial_compression: must be >= 1, got {self.spatial_compression}")
 
-    def settings_for(self, latent_height: int) -> tuple[list[float], list[int]]:
-        """(mask probabilities, block size) for a latent of this height; ValueError for an unconfigured resolution."""
-        resolution = latent_height * self.spatial_compression
+    def settings_for(self, resolution: int) -> tuple[list[float], list[int]]:
+        """(mask probabilities, block size) at a training resolution (pixels); ValueError for an unconfigured one."""
         if resolution not in self.mask_probs or resolution not in self.block_sizes:
-            raise ValueError(f"lmr.mask_probs/lmr.block_sizes: no entry for resolution {resolution} (latent height "
-                             f"{latent_height} x {self.spatial_compression}); configured: {sorted(self.mask_probs)}")
+            raise ValueError(f"lmr.mask_probs/lmr.block_sizes: no entry for training resolution {resolution} (the "
+                             f"frames' height in pixels); configured: {sorted(self.mask_probs)}")
         return list(self.mask_probs[resolution]), [int(s) for s in self.block_sizes[resolution]]
 
 
@@ -83,9 +81,10 @@ def block_mask(size: tuple[int, int, int], ratio: float, block: list[int] | tupl
     return mask
 
 
-def apply_lmr(z: torch.Tensor, mask_token: torch.Tensor, config: LMRConfig, training: bool,
+def apply_lmr(z: torch.Tensor, mask_token: torch.Tensor, config: LMRConfig, training: bool, resolution: int,
               generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
-    """Mask a sampled latent (B, C, T, H, W) with ``mask_token`` (1, C, 1, 1, 1); returns (latent, ratio used).
+    """Mask a sampled latent (B, C, T, H, W) of frames ``resolution`` pixels high with ``mask_token`` (1, C, 1, 1, 1);
+    returns (latent, ratio used).
 
     Identity (ratio 0.0) when not ``training`` or when LMR is disabled. Gradients reach ``mask_token`` through the
     masked positions and ``z`` through the others. Deterministic given ``generator`` (a CPU torch.Generator).
@@ -97,7 +96,7 @@ def apply_lmr(z: torch.Tensor, mask_token: torch.Tensor, config: LMRConfig, trai
     if tuple(mask_token.shape) != (1, z.shape[1], 1, 1, 1):
         raise ValueError(f"apply_lmr: mask_token must have shape (1, {z.shape[1]}, 1, 1, 1), "
                          f"got {tuple(mask_token.shape)}")
-    probs, block = config.settings_for(z.shape[3])
+    probs, block = config.settings_for(resolution)
     ratio = sample_mask_ratio(config.mask_ratios, probs, generator)
     if ratio <= 0:
         return z, 0.0

@@ -127,10 +127,11 @@ class SSVAELoss(nn.Module):
         generator is judged by it, and the two alternate from then on."""
         return self.gan_active(step) and (step - self.config.disc_start) % 2 == 0
 
-    def apply_lmr(self, z: torch.Tensor, mask_token: torch.Tensor,
+    def apply_lmr(self, z: torch.Tensor, mask_token: torch.Tensor, resolution: int,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
-        """LMR on a sampled latent with this loss's LMR config; masks only in training mode (see ``vae.lmr``)."""
-        return apply_lmr(z, mask_token, self.config.lmr, self.training, generator)
+        """LMR on a sampled latent of frames ``resolution`` pixels high, with this loss's LMR config; masks only in
+        training mode (see ``vae.lmr``)."""
+        return apply_lmr(z, mask_token, self.config.lmr, self.training, resolution, generator)
 
     # ------------------------------------------------------------------------------------------- generator terms
 

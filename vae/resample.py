@@ -36,6 +36,25 @@ def channel_to_space_time(x: torch.Tensor, out_channels: int, temporal: bool) ->
     return x.reshape(b, out_channels, t * ft, h * 2, w * 2)
 
 
+def channel_resize(x: torch.Tensor, out_channels: int) -> torch.Tensor:
+    """(B, C, ...) -> (B, out, ...) without parameters: each channel repeated (out > C) or consecutive groups of
+    channels averaged (out < C); one width must divide the other. The boundary shortcuts of ``boundary_shortcuts``."""
+    c = x.shape[1]
+    if out_channels == c:
+        return x
+    if out_channels > c:
+        return x.repeat_interleave(out_channels // c, dim=1)
+    return x.reshape(x.shape[0], out_channels, c // out_channels, *x.shape[2:]).mean(dim=2)
+
+
+def zero_(layer: nn.Module) -> None:
+    """Zero a conv's weight and bias: a residual branch that starts as nothing (init "residual_zero")."""
+    conv = getattr(layer, "conv", layer)
+    nn.init.zeros_(conv.weight)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
 class ResidualDownsample(StreamStart):
     """Halve H and W (and T when `temporal`), changing the width from in_channels to out_channels."""
 

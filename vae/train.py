@@ -16,6 +16,7 @@ from infra.data.dataset import build_loader
 from infra.data.eval_clips import load_eval_clips
 from infra.distributed import DistInfo
 from infra.ema import maybe_averaged
+from infra.metrics.image_quality import psnr as psnr_fn
 from infra.metrics.lpips import LPIPS
 from infra.trainer import EngineSpec, StepContext, TrainTask, run_training
 from infra.video_io import side_by_side, write_video
@@ -43,7 +44,7 @@ class AutoencoderWithLoss(nn.Module):
 
     def forward(self, x: torch.Tensor, step: int):
         posterior = self.vae.posterior(x)
-        z, ratio = self.loss.apply_lmr(posterior.sample(), self.vae.mask_token)
+        z, ratio = self.loss.apply_lmr(posterior.sample(), self.vae.mask_token, resolution=x.shape[3])
         recon = self.vae.decoder(z)
         lcr_on = self.loss.config.lcr.enabled
         loss, logs = self.loss.generator_loss(
@@ -57,7 +58,7 @@ class AutoencoderWithLoss(nn.Module):
         posterior = self.vae.posterior(x)
         z = posterior.sample() if sample else posterior.mode()
         if sample:
-            z, _ = self.loss.apply_lmr(z, self.vae.mask_token)
+            z, _ = self.loss.apply_lmr(z, self.vae.mask_token, resolution=x.shape[3])
         return self.vae.decoder(z)
 
 
@@ -112,7 +113,9 @@ class VAETask(TrainTask):
         if self.eval_clips is None:
             d = self.cfg.data
             roots = self.cfg.eval.video_roots or d.video_roots
-            self.eval_clips = load_eval_clips(roots, self.cfg.eval.num_clips, d.num_frames, d.fps, d.height, d.width,
+            # Whole frames: with data.resize the model trains on crops of frames that size.
+            height, width = max(d.height, d.resize), max(d.width, d.resize)
+            self.eval_clips = load_eval_clips(roots, self.cfg.eval.num_clips, d.num_frames, d.fps, height, width,
                                               d.decoder)["video"]
         module = ctx.engine("autoencoder").module
         module.eval()
@@ -122,8 +125,7 @@ class VAETask(TrainTask):
                 x = clip[None].to(ctx.device)
                 recon = module.reconstruct(x, sample=False).clamp(-1, 1)
                 l1.append((recon - x).abs().mean().item())
-                mse = ((recon - x) / 2).pow(2).mean().item()
-                psnr.append(10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-10))).item())
+                psnr.append(float(psnr_fn(recon, x)[0]))
                 if self.cfg.eval.write_videos and ctx.dist.is_main:
                     write_video(Path(ctx.output_dir) / "reconstructions" / f"step_{step:06d}" / f"clip{i}.mp4",
                                 side_by_side(x[0], recon[0]), fps=self.cfg.data.fps)

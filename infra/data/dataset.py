@@ -59,6 +59,7 @@ class ClipRequest:
     u_start: float = 0.0
     uy: float = 0.5
     ux: float = 0.5
+    resize: int = 0  # short side the frames are brought to before cropping (0: just cover height x width)
 
 
 def caption_of(record: SampleRecord, reader: ShardReader) -> str:
@@ -82,7 +83,8 @@ def load_sample(record: SampleRecord, request: ClipRequest, reader: ShardReader,
         except Exception as e:  # PIL raises many types for bad files
             raise SampleError(UNREADABLE, repr(e)) from e
         meta.update(start_frame=0, frame_indices=[0], source_size=[frames.shape[2], frames.shape[1]])
-        return frames_to_tensor(frames, request.height, request.width, request.uy, request.ux), caption, meta
+        return (frames_to_tensor(frames, request.height, request.width, request.uy, request.ux, request.resize),
+                caption, meta)
 
     source_fps = float(record.meta["fps"])
     try:
@@ -95,7 +97,8 @@ def load_sample(record: SampleRecord, request: ClipRequest, reader: ShardReader,
         source.close()
     meta.update(start_frame=start, frame_indices=indices, source_fps=source_fps,
                 source_size=[frames.shape[2], frames.shape[1]])
-    return frames_to_tensor(frames, request.height, request.width, request.uy, request.ux), caption, meta
+    return (frames_to_tensor(frames, request.height, request.width, request.uy, request.ux, request.resize),
+            caption, meta)
 
 
 def load_or_skip(record: SampleRecord, request: ClipRequest, reader: ShardReader, decoder: str,
@@ -183,7 +186,8 @@ class ShardBatchDataset(IterableDataset):
                 if self.cfg.crop == "center":
                     uy = ux = 0.5
                 record = self.records[index]
-                request = ClipRequest(spec.frames, spec.height, spec.width, self.cfg.fps, u_start, uy, ux)
+                request = ClipRequest(spec.frames, spec.height, spec.width, self.cfg.fps, u_start, uy, ux,
+                                      self.cfg.resize)
                 sample = load_or_skip(record, request, self.reader, self.cfg.decoder, skips)
                 if sample is None:
                     continue
