@@ -269,6 +269,8 @@ def test_default_data_scene_options_reach_the_generated_set(tmp_path, monkeypatc
 class _Identity(__import__("torch").nn.Module):
     """A first stage whose latents are the clip itself (or, ``blank``, decode to grey)."""
 
+    spatial_compression = temporal_compression = 1
+
     def __init__(self, blank: bool = False):
         import torch
 
@@ -283,12 +285,17 @@ class _Identity(__import__("torch").nn.Module):
         return latents * 0 if self.blank else latents
 
 
-def test_reconstruction_reward_bounds_what_samples_can_score(tmp_path, monkeypatch):
+def test_prompt_reconstructions_bound_what_samples_can_score(tmp_path, monkeypatch):
     from tools.study_report import markdown_tables
 
     study = _data_only_study(tmp_path, monkeypatch, "data.default.num_videos=1", "data.default.size=64",
                              "data.default.frames=9", "prompts.num_prompts=3", "measure.frames=9", "measure.size=64")
-    perfect, blank = study._reconstruction_reward(_Identity()), study._reconstruction_reward(_Identity(blank=True))
+    perfect_run = study._prompt_reconstructions(_Identity(), tmp_path / "grid.png")
+    blank_run = study._prompt_reconstructions(_Identity(blank=True))
+    assert perfect_run["psnr"] == 100.0 and blank_run["psnr"] < 15  # held-out default data, identity vs grey
+    assert perfect_run["pooling_psnr"]["16x"] < perfect_run["pooling_psnr"]["1x"] == 100.0
+    assert (tmp_path / "grid.png").stat().st_size > 5000  # original | reconstruction frames of the prompt clips
+    perfect, blank = perfect_run["reward"], blank_run["reward"]
     assert perfect["clips"] == 3 and perfect["original"] > 0.8 and perfect["mean"] == perfect["original"]
     assert blank["mean"] == 0.0 and blank["original"] == perfect["original"]
     summary = reward_summary({"a": {0: _curve([0.0, 0.0])}, "b": {0: _curve([0.0, 0.1])}}, "a")

@@ -19,17 +19,21 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from dit.latent_dataset import COMPLETE, MANIFEST, part_name, read_manifest, tensor_name
 from infra.config import load_config
 from infra.data.dataset import ClipRequest, load_or_skip
 from infra.data.shard_index import ShardReader, find_shards, index_shards
 from infra.data.skips import SkipCounter
+from vae.latent_transform import load_latent_transform
 
 log = logging.getLogger("tools.cache_latents")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
 
 
 def _manifest(cfg, dtype: str) -> dict:
@@ -41,8 +45,6 @@ def _manifest(cfg, dtype: str) -> dict:
 
 
 def _check_manifest(out: Path, manifest: dict) -> None:
-    from dit.latent_dataset import MANIFEST
-
     path = out / MANIFEST
     if path.is_file():
         existing = json.loads(path.read_text())
@@ -53,8 +55,6 @@ def _check_manifest(out: Path, manifest: dict) -> None:
 
 
 def _write_part(out: Path, index: int, tensors: dict[str, torch.Tensor], lines: list[dict]) -> None:
-    from dit.latent_dataset import part_name
-
     stem = out / part_name(index)
     tmp = stem.with_suffix(".safetensors.tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
@@ -65,8 +65,6 @@ def _write_part(out: Path, index: int, tensors: dict[str, torch.Tensor], lines: 
 
 
 def _part_done(out: Path, index: int) -> bool:
-    from dit.latent_dataset import part_name
-
     stem = out / part_name(index)
     return stem.with_suffix(".jsonl").is_file() and stem.with_suffix(".safetensors").is_file()
 
@@ -74,7 +72,6 @@ def _part_done(out: Path, index: int) -> bool:
 def cache_latents(cfg, out: str | Path, batch_size: int = 4, dtype: str = "float32",
                   device: torch.device | str | None = None, show_progress: bool = True) -> Path:
     """Write (or finish writing) the latent cache of ``cfg``'s video data into ``out``; returns ``out``."""
-    from dit.latent_dataset import COMPLETE, tensor_name
     from dit.train import build_first_stage, build_frozen_text_encoder, encode_text
 
     if dtype not in DTYPES:
@@ -128,6 +125,45 @@ def cache_latents(cfg, out: str | Path, batch_size: int = 4, dtype: str = "float
     if counts:
         log.warning("samples skipped while caching (they are not in the cache): %s", counts)
     (out / COMPLETE).write_text(json.dumps({"skips": counts}) + "\n")
+    return out
+
+
+def transform_cache(source: str | Path, out: str | Path, cfg, dtype: str | None = None) -> Path:
+    """Re-express a complete cache through ``cfg.first_stage.latent_transform`` without encoding anything again.
+
+    ``source`` must have been made with the same data, text encoder and first stage as ``cfg`` minus the transform;
+    every part is rewritten with transformed latents (what encoding through the transformed first stage gives) and
+    the same captions, text states and meta. Resumable and idempotent like ``cache_latents``.
+    """
+    source, out = Path(source), Path(out)
+    if not cfg.first_stage.latent_transform:
+        raise ValueError("transform_cache: cfg.first_stage.latent_transform names no transform")
+    made_with = read_manifest(source)
+    if made_with["first_stage"].get("latent_transform"):
+        raise ValueError(f"transform_cache: {source} was itself made through a latent transform")
+    manifest = _manifest(cfg, dtype or made_with["dtype"])
+    untransformed = {**manifest, "first_stage": {**manifest["first_stage"], "latent_transform": ""}}
+    if {k: v for k, v in made_with.items() if k != "dtype"} != {k: v for k, v in untransformed.items() if k != "dtype"}:
+        raise ValueError(f"transform_cache: {source} was made with other settings ({made_with}) than {untransformed}")
+    out.mkdir(parents=True, exist_ok=True)
+    _check_manifest(out, manifest)
+    if (out / COMPLETE).is_file():
+        return out
+    transform = load_latent_transform(cfg.first_stage.latent_transform)
+    parts = sorted(source.glob("part-*.jsonl"))
+    for lines_path in parts:
+        index = int(lines_path.stem.split("-")[1])
+        if _part_done(out, index):
+            continue
+        lines = [json.loads(line) for line in lines_path.read_text().splitlines()]
+        with safe_open(str(lines_path.with_suffix(".safetensors")), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        for j in range(len(lines)):
+            key = tensor_name(j, "latents")
+            z = tensors[key]
+            tensors[key] = transform(z.float()[None])[0].to(DTYPES[manifest["dtype"]])
+        _write_part(out, index, tensors, lines)
+    (out / COMPLETE).write_text((source / COMPLETE).read_text())
     return out
 
 

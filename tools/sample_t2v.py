@@ -23,12 +23,15 @@ from infra.video_io import write_video
 
 @torch.no_grad()
 def sample_prompts(model, first_stage, text_states: torch.Tensor, text_mask: torch.Tensor | None, cfg,
-                   out_dir: str | Path, indices: Sequence[int] | None = None) -> list[Path]:
+                   out_dir: str | Path, indices: Sequence[int] | None = None, batch_size: int = 16) -> list[Path]:
     """Sample one video per row of ``text_states`` (B, L, D) and write ``<out_dir>/prompt_<i>.mp4``; ``text_mask``
     (B, L) when the DiT masks text padding (see ``dit.train.uses_text_mask``), else None.
 
     ``cfg`` is a ``T2VTrainConfig`` (its ``sampling``, ``diffusion`` and ``data`` sections); ``indices`` are the rows'
-    positions in the prompt list (their seeds and file names), 0..B-1 when not given.
+    positions in the prompt list (their seeds and file names), 0..B-1 when not given. Prompt ``i`` starts from noise
+    drawn from its own generator (``sampling.seed + i``); the deterministic DDIM sampler then runs up to
+    ``batch_size`` prompts through the DiT and the decoder together (a prompt's video is the same alone or in a batch,
+    up to float rounding); the stochastic DPM++ sampler draws from that generator at every step, one prompt at a time.
     """
     from dit.samplers import sample
 
@@ -40,15 +43,19 @@ def sample_prompts(model, first_stage, text_states: torch.Tensor, text_mask: tor
     channels, latent_frames, h, w = first_stage.latent_shape(frames, height, width)
     device = text_states.device
     dtype = next(model.parameters()).dtype
+    per_call = batch_size if s.sampler == "ddim" else 1
     paths = []
-    for row, index in enumerate(indices):
-        generator = torch.Generator(device=device).manual_seed(s.seed + index)
-        latents = sample(model, text_states[row:row + 1].to(dtype), shape=(1, latent_frames, channels, h, w),
-                         steps=s.steps, guidance=s.guidance, dynamic_cfg=s.dynamic_cfg, sampler=s.sampler,
-                         generator=generator, diffusion=cfg.diffusion.schedule,
-                         text_mask=None if text_mask is None else text_mask[row:row + 1])
-        video = first_stage.decode(latents.permute(0, 2, 1, 3, 4))  # DiT (B, F, C, h, w) -> VAE (B, C, F, h, w)
-        paths.append(write_video(Path(out_dir) / f"prompt_{index:02d}.mp4", video[0], cfg.sample_fps()))
+    for start in range(0, len(indices), per_call):
+        rows = list(range(start, min(start + per_call, len(indices))))
+        generators = [torch.Generator(device=device).manual_seed(s.seed + indices[r]) for r in rows]
+        noise = torch.cat([torch.randn((1, latent_frames, channels, h, w), generator=g, device=device)
+                           for g in generators])
+        latents = sample(model, text_states[rows].to(dtype), latents=noise, steps=s.steps, guidance=s.guidance,
+                         dynamic_cfg=s.dynamic_cfg, sampler=s.sampler, generator=generators[0],
+                         diffusion=cfg.diffusion.schedule, text_mask=None if text_mask is None else text_mask[rows])
+        videos = first_stage.decode(latents.permute(0, 2, 1, 3, 4))  # DiT (B, F, C, h, w) -> VAE (B, C, F, h, w)
+        for row, video in zip(rows, videos):
+            paths.append(write_video(Path(out_dir) / f"prompt_{indices[row]:02d}.mp4", video, cfg.sample_fps()))
     return paths
 
 

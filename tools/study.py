@@ -96,7 +96,8 @@ class Study:
         cfg.run.output_dir = str(self.variant_dir(variant) / "vae")
         return cfg
 
-    def t2v_config(self, variant: VariantConfig, seed: int, first_stage: str, cache_dir: str):
+    def t2v_config(self, variant: VariantConfig, seed: int, first_stage: str, cache_dir: str,
+                   latent_transform: str = ""):
         from dit.train_config import T2VTrainConfig
 
         wired = [f"data.video_roots={self.data / 'default'}"] if self.cfg.data.wire_roots else []
@@ -105,8 +106,14 @@ class Study:
         cfg.run.output_dir = str(self.variant_dir(variant) / f"seed{seed}" / "dit")
         cfg.first_stage.kind = variant.kind
         cfg.first_stage.path = first_stage
+        cfg.first_stage.latent_transform = latent_transform
         cfg.latents.cache_dir = cache_dir
         return cfg
+
+    def _t2v_for(self, variant: VariantConfig, seed: int, first_stage: StageResult, cache_dir: str = ""):
+        """The DiT run config of a variant whose first stage is measured (a control's carries its transform)."""
+        return self.t2v_config(variant, seed, first_stage.outputs["path"], cache_dir,
+                               first_stage.outputs.get("latent_transform", ""))
 
     def _has_real_train(self) -> bool:
         from infra.footage import CLIP_NAMES
@@ -218,12 +225,10 @@ class Study:
         store = variant.kind == "ssvae" and vae.outputs["trained"]
 
         def measure() -> dict:
-            from infra.data.eval_clips import load_eval_clips
             from tools.latent_stats import measure_latent_stats, store_in_ssvae_folder
 
-            roots = self.vae_config(variant).data.video_roots if store else str(self.data / "default")
-            clips = load_eval_clips(roots, m.stats_clips, m.frames, self.cfg.data.default.fps, m.size, m.size)["video"]
-            stage = self._first_stage(variant, vae.outputs["model"])
+            clips = self._stats_clips(variant)
+            stage = self._first_stage(variant, vae.outputs)
             stats = measure_latent_stats(stage, [(str(i), clip) for i, clip in enumerate(clips)], progress=False)
             if not store:
                 return {"path": vae.outputs["model"], "stored": False, "statistics": _stats_summary(stats)}
@@ -233,10 +238,41 @@ class Study:
         return self.runner.run(f"{variant.name}/first_stage", {"vae": vae.hash, "measure": dataclasses.asdict(m),
                                                                "store": store}, measure, clean=[out])
 
-    def _first_stage(self, variant: VariantConfig, path: str):
+    def _first_stage(self, variant: VariantConfig, outputs: dict):
+        """The frozen first stage a measured stage's outputs describe (a control's with its latent transform)."""
         from vae.first_stage import FirstStageConfig, load_first_stage
 
-        return load_first_stage(FirstStageConfig(kind=variant.kind, path=path))
+        return load_first_stage(FirstStageConfig(kind=variant.kind, path=outputs.get("path") or outputs["model"],
+                                                 latent_transform=outputs.get("latent_transform", "")))
+
+    def _stats_clips(self, variant: VariantConfig) -> torch.Tensor:
+        """The training clips a variant's latent statistics (and a whitening control's covariance) are measured on."""
+        from infra.data.eval_clips import load_eval_clips
+
+        m = self.cfg.measure
+        roots = self.vae_config(variant).data.video_roots if variant.trains_vae else str(self.data / "default")
+        return load_eval_clips(roots, m.stats_clips, m.frames, self.cfg.data.default.fps, m.size, m.size)["video"]
+
+    def stage_control(self, variant: VariantConfig, source: VariantConfig, source_fs: StageResult) -> StageResult:
+        """A spectral control's first stage: the source's frozen VAE plus an invertible latent transform, saved as a
+        file the DiT's config names (``first_stage.latent_transform``)."""
+        c, m = variant.control, self.cfg.measure
+        out = self.variant_dir(variant) / "first_stage"
+
+        def make() -> dict:
+            from vae.latent_transform import ChannelWhitening, CheckerboardSign
+
+            if c.kind == "checkerboard":
+                transform = CheckerboardSign(c.cell)
+            else:  # whiten with the covariance of the source's latents of training clips
+                stage = self._first_stage(source, source_fs.outputs)
+                transform = ChannelWhitening.fit(self._encode(stage, self._stats_clips(source)))
+            path = transform.save(out / "latent_transform.safetensors")
+            return {"path": source_fs.outputs["path"], "latent_transform": str(path), "stored": False,
+                    "source": source.name, "statistics": source_fs.outputs["statistics"]}
+
+        return self.runner.run(f"{variant.name}/first_stage", {"source": source_fs.hash, "control": dataclasses.asdict(c),
+                                                               "measure": dataclasses.asdict(m)}, make, clean=[out])
 
     def _encode(self, first_stage, clips: torch.Tensor) -> torch.Tensor:
         from tools.spectral import encode_clips
@@ -253,7 +289,7 @@ class Study:
             from tools.reconstruct import ClipSpec, FrameGeometry, iter_clips, reconstruct_clips
             from tools.spectral import SpectralConfig, analyze_latents
 
-            stage = self._first_stage(variant, first_stage.outputs["path"])
+            stage = self._first_stage(variant, first_stage.outputs)
             roots = ",".join(str(p) for p in self._heldout_roots())
             clips = load_eval_clips(roots, m.num_clips, m.frames, self.cfg.data.default.fps, m.size, m.size)["video"]
             analysis = analyze_latents(self._encode(stage, clips), SpectralConfig(cutoff=m.cutoff))
@@ -272,9 +308,9 @@ class Study:
                 row["held_out"] = row["name"] in heldout
             (out / "reconstruction.json").write_text(json.dumps(rec, indent=1) + "\n")
             (out / "reconstruction.md").write_text(reconstruction_markdown(variant.name, rec))
-            ceiling = self._reconstruction_reward(stage) if self.cfg.reward.kind == "caption" else None
+            prompts = self._prompt_reconstructions(stage, out / "reconstructions.png")
             return {"spectral_file": str(out / "spectral.json"), "spectral": _spectral_summary(analysis),
-                    "reconstruction_reward": ceiling,
+                    "reconstruction_reward": prompts.pop("reward"), "default_data": prompts,
                     "reconstruction_file": str(out / "reconstruction.json"),
                     "reconstruction_mean": rec["mean"], "reconstruction": [
                         {k: r[k] for k in ("name", "psnr", "ssim", "lpips", "held_out")} for r in rec["clips"]]}
@@ -282,50 +318,116 @@ class Study:
         return self.runner.run(f"{variant.name}/measure", {"first_stage": first_stage.hash,
                                                            "measure": dataclasses.asdict(m)}, measure, clean=[out])
 
-    def _reconstruction_reward(self, stage) -> dict:
-        """Caption reward of the first stage's reconstructions of the prompt clips, beside that of the clips themselves.
+    def _prompt_reconstructions(self, stage, grid: Path | None = None) -> dict:
+        """The first stage on the prompt clips (default data of a seed never trained on): PSNR beside the pooling
+        baselines, the caption reward of its reconstructions beside that of the clips (caption reward only), and a
+        PNG grid of original | reconstruction frames (prompt clips and held-out real clips).
 
         A DiT's samples are decoded by this first stage, so its reconstructions of real prompt clips bound what they
-        can score: when this is near 0 the VAE, not the DiT, keeps the reward from moving.
+        can score: when the reward of those is near 0 the VAE, not the DiT, keeps the reward from moving.
         """
         from infra.data.eval_clips import load_eval_clips
+        from infra.metrics.image_quality import psnr
         from tools.caption_reward import score_batch
+        from tools.report_figures import reconstruction_grid
 
-        m = self.cfg.measure
-        batch = load_eval_clips(str(self.data / "prompts"), self.cfg.prompts.num_prompts, m.frames,
-                                self.cfg.data.default.fps, m.size, m.size)
-        truths = [meta["truth"] for meta in batch["meta"]]
+        m, fps = self.cfg.measure, self.cfg.data.default.fps
+        batch = load_eval_clips(str(self.data / "prompts"), self.cfg.prompts.num_prompts, m.frames, fps, m.size,
+                                m.size)
         clips = batch["video"]
-        device = next(stage.parameters()).device
+        recon = self._round_trip(stage, clips)
+        out = {"clips": len(clips), "psnr": float(psnr(recon, clips).mean()),
+               "pooling_psnr": {f"{k}x": float(psnr(_block_means(clips, k), clips).mean())
+                                for k in sorted({stage.spatial_compression, 16})},
+               "spatial_compression": stage.spatial_compression, "temporal_compression": stage.temporal_compression,
+               "reward": None}
+        if self.cfg.reward.kind == "caption":
+            truths = [meta["truth"] for meta in batch["meta"]]
+            scored = {"reconstructed": score_batch(recon, truths), "original": score_batch(clips, truths)}
+            out["reward"] = {"mean": scored["reconstructed"]["mean"]["total"],
+                             "original": scored["original"]["mean"]["total"],
+                             "attributes": scored["reconstructed"]["mean"],
+                             "chance": scored["original"]["chance"]["total"], "clips": len(truths)}
+        if grid is not None:
+            rows = [(caption, clips[i], recon[i]) for i, caption in enumerate(batch["caption"][:4])]
+            if self._has_real_heldout():
+                real = load_eval_clips(str(self.data / "real_heldout"), len(self.cfg.data.heldout_clips), m.frames,
+                                       fps, m.size, m.size)
+                real_recon = self._round_trip(stage, real["video"])
+                rows += [(f"{meta['key']} (real, held out)", x, y)
+                         for meta, x, y in zip(real["meta"], real["video"], real_recon)]
+            out["grid"] = str(reconstruction_grid(rows, grid))
+        return out
+
+    def _round_trip(self, stage, clips: torch.Tensor) -> torch.Tensor:
+        device, size = next(stage.parameters()).device, self.cfg.measure.batch_size
         with torch.no_grad():
-            recon = torch.cat([stage.decode(stage.encode(clips[i:i + m.batch_size].to(device))).float().cpu()
-                               for i in range(0, len(clips), m.batch_size)]).clamp(-1, 1)
-        scored = {"reconstructed": score_batch(recon, truths), "original": score_batch(clips, truths)}
-        return {"mean": scored["reconstructed"]["mean"]["total"], "original": scored["original"]["mean"]["total"],
-                "attributes": scored["reconstructed"]["mean"], "chance": scored["original"]["chance"]["total"],
-                "clips": len(truths)}
+            return torch.cat([stage.decode(stage.encode(clips[i:i + size].to(device))).float().cpu()
+                              for i in range(0, len(clips), size)]).clamp(-1, 1)
 
     def _heldout_roots(self) -> list[Path]:
         roots = [self.data / "real_heldout"] if self._has_real_heldout() else []
         return roots + [self.data / "prompts"]
 
-    def stage_latents(self, variant: VariantConfig, first_stage: StageResult) -> StageResult | None:
+    def stage_latents(self, variant: VariantConfig, first_stage: StageResult,
+                      source_latents: StageResult | None = None) -> StageResult | None:
+        """The DiT's training latents, encoded once per first stage; a control re-expresses its source's cache
+        through its transform (exactly what encoding through the transformed stage gives, without the encoder)."""
         if not self.cfg.cache_latents:
             return None
-        from tools.cache_latents import cache_latents
+        from tools.cache_latents import cache_latents, transform_cache
 
-        cfg = self.t2v_config(variant, self.cfg.seeds[0], first_stage.outputs["path"], cache_dir="")
+        cfg = self._t2v_for(variant, self.cfg.seeds[0], first_stage)
         out = self.variant_dir(variant) / "latents"
         # The cache depends on the data, clip, first stage and text encoder only (not on the seed or the DiT).
         key = {"first_stage": first_stage.hash, "data": to_dict(cfg.data), "text_encoder": to_dict(cfg.text_encoder),
-               "first_stage_cfg": dataclasses.asdict(cfg.first_stage)}
-        return self.runner.run(f"{variant.name}/latents", key,
-                               lambda: {"cache_dir": str(cache_latents(cfg, out, show_progress=False))}, clean=[out])
+               "first_stage_cfg": dataclasses.asdict(cfg.first_stage),
+               "source": source_latents.hash if source_latents else None}
+        if source_latents is not None:
+            make = lambda: {"cache_dir": str(transform_cache(source_latents.outputs["cache_dir"], out, cfg))}  # noqa: E731
+        else:
+            make = lambda: {"cache_dir": str(cache_latents(cfg, out, show_progress=False))}  # noqa: E731
+        return self.runner.run(f"{variant.name}/latents", key, make, clean=[out])
+
+    def stage_predictors(self, variant: VariantConfig, first_stage: StageResult,
+                         latents: StageResult | None) -> StageResult:
+        """Predictors of diffusability that need no DiT: the spectral numbers and the velocity irreducible variance
+        (``tools.diffusability``) of the latents the DiT trains on (the cache, or freshly encoded training clips)."""
+        m = self.cfg.measure
+        cfg = self._t2v_for(variant, self.cfg.seeds[0], first_stage)
+
+        def measure() -> dict:
+            from tools.diffusability import velocity_irreducible_variance
+            from tools.spectral import SpectralConfig, analyze_latents
+
+            z = self._training_latents(variant, first_stage, latents, m.predictor_clips)
+            analysis = analyze_latents(z, SpectralConfig(cutoff=m.cutoff))
+            viv = velocity_irreducible_variance(z, cfg.diffusion.schedule)
+            return {"clips": int(z.shape[0]), **_spectral_summary(analysis), "viv": viv["viv"],
+                    "viv_per_timestep": viv["per_timestep"]}
+
+        key = {"first_stage": first_stage.hash, "latents": latents.hash if latents else None,
+               "measure": dataclasses.asdict(m), "schedule": to_dict(cfg.diffusion.schedule)}
+        return self.runner.run(f"{variant.name}/predictors", key, measure)
+
+    def _training_latents(self, variant: VariantConfig, first_stage: StageResult, latents: StageResult | None,
+                          n: int) -> torch.Tensor:
+        """Up to ``n`` of the DiT's training latents (N, C, F, h, w), as the DiT sees them."""
+        if latents is not None:
+            from dit.latent_dataset import LatentCache
+
+            cache = LatentCache(latents.outputs["cache_dir"])
+            return torch.stack([cache.load(i)["latents"].float() for i in range(min(n, len(cache)))])
+        from infra.data.eval_clips import load_eval_clips
+
+        d = self._t2v_for(variant, self.cfg.seeds[0], first_stage).data
+        clips = load_eval_clips(d.video_roots, n, d.num_frames, d.fps, d.height, d.width)["video"]
+        return self._encode(self._first_stage(variant, first_stage.outputs), clips)
 
     def stage_dit(self, variant: VariantConfig, seed: int, first_stage: StageResult,
                   latents: StageResult | None) -> StageResult:
         cache_dir = latents.outputs["cache_dir"] if latents else ""
-        cfg = self.t2v_config(variant, seed, first_stage.outputs["path"], cache_dir)
+        cfg = self._t2v_for(variant, seed, first_stage, cache_dir)
         cfg.sampling.prompts = self.prompts()[0]
         run_dir = Path(cfg.run.output_dir)
 
@@ -342,6 +444,7 @@ class Study:
                                train, clean=[run_dir])
 
     def stage_reward(self, variant: VariantConfig, seed: int, dit: StageResult) -> StageResult:
+        """Score every evaluation step's samples of the prompts; keeps each prompt's reward (for the bootstrap)."""
         reward = self.cfg.reward
         out = Path(dit.outputs["run_dir"]).parent / "reward.json"
 
@@ -356,12 +459,18 @@ class Study:
                 files = [folder / f"prompt_{i:02d}.mp4" for i in range(len(captions))]
                 per_step[int(folder.name.split("_")[1])] = scorer(files, captions, truths)
             out.write_text(json.dumps({str(k): v for k, v in per_step.items()}, indent=1) + "\n")
-            return {"file": str(out), "curve": [[step, r["mean"]] for step, r in sorted(per_step.items())]}
+            return {"file": str(out), "curve": [[step, r["mean"]] for step, r in sorted(per_step.items())],
+                    "per_prompt": {str(step): r["per_prompt"] for step, r in sorted(per_step.items())},
+                    "chance": next(iter(per_step.values())).get("chance")}
 
         return self.runner.run(f"{variant.name}/seed{seed}/reward", {"dit": dit.hash,
                                                                      "reward": to_dict(reward)}, score, clean=[out])
 
     # ------------------------------------------------------------------------------------------------ the run
+    def ordered_variants(self) -> list[VariantConfig]:
+        """Variants that own a first stage first, then the controls (which transform one of them)."""
+        return [v for v in self.cfg.variants if not v.is_control] + [v for v in self.cfg.variants if v.is_control]
+
     def run(self) -> dict:
         """Every stage (skipping those done), then the report; returns what the report holds plus file paths."""
         started = time.perf_counter()
@@ -370,17 +479,25 @@ class Study:
         # What the VAE trains and evaluates on; the prompt set only when it is the VAE's held-out evaluation data.
         vae_inputs = ["default", "real"] + ([] if self._has_real_heldout() else ["prompts"])
         data_hash = "".join(data[k].hash for k in vae_inputs if k in data)
-        with tqdm(total=len(cfg.variants) * (4 + 2 * len(cfg.seeds)), desc="study", unit="stage") as bar:
-            for variant in cfg.variants:
+        done: dict[str, dict[str, StageResult | None]] = {}
+        with tqdm(total=len(cfg.variants) * (5 + 2 * len(cfg.seeds)), desc="study", unit="stage") as bar:
+            for variant in self.ordered_variants():
                 bar.set_postfix_str(variant.name)
-                vae = self.stage_vae(variant, data_hash)
-                bar.update()
-                fs = self.stage_first_stage(variant, vae)
-                bar.update()
+                if variant.is_control:
+                    source = cfg.variant(variant.control.source)
+                    fs = self.stage_control(variant, source, done[source.name]["first_stage"])
+                    source_latents = done[source.name]["latents"]
+                else:
+                    fs = self.stage_first_stage(variant, self.stage_vae(variant, data_hash))
+                    source_latents = None
+                bar.update(2)
                 self.stage_measure(variant, fs)
                 bar.update()
-                latents = self.stage_latents(variant, fs)
+                latents = self.stage_latents(variant, fs, source_latents)
                 bar.update()
+                self.stage_predictors(variant, fs, latents)
+                bar.update()
+                done[variant.name] = {"first_stage": fs, "latents": latents}
                 for seed in cfg.seeds:
                     dit = self.stage_dit(variant, seed, fs, latents)
                     bar.update()
@@ -389,6 +506,28 @@ class Study:
         report = self.report()
         report["wall_s_this_run"] = time.perf_counter() - started
         return report
+
+    def samples_picture(self, variant: VariantConfig, seed: int, out: Path, max_prompts: int = 8) -> Path | None:
+        """PNG of the first ``max_prompts`` prompts' samples at the first and the last evaluation, side by side, each
+        row titled with its caption and its rewards there."""
+        from tools.caption_reward import read_video
+        from tools.report_figures import samples_grid
+
+        marker = self.runner.read_marker(f"{variant.name}/seed{seed}/reward")
+        dit = self.runner.read_marker(f"{variant.name}/seed{seed}/dit")
+        if not marker or not dit:
+            return None
+        steps = sorted(Path(dit["outputs"]["samples"]).glob("step_*"))
+        if not steps:
+            return None
+        captions = self.prompts()[0][:max_prompts]
+        per_prompt = marker["outputs"].get("per_prompt", {})
+        groups, scores = [], []
+        for folder in (steps[0], steps[-1]):
+            step = int(folder.name.split("_")[1])
+            groups.append((f"step {step}", [read_video(folder / f"prompt_{i:02d}.mp4") for i in range(len(captions))]))
+            scores.append(list(per_prompt.get(str(step), [None] * len(captions)))[:len(captions)])
+        return samples_grid(captions, groups, out, scores)
 
     def _done(self, name: str) -> dict:
         marker = self.runner.read_marker(name)
@@ -399,24 +538,32 @@ class Study:
     def report(self) -> dict:
         """The report from the finished stages' markers (``--report-only`` re-writes it without running anything,
         e.g. after changing the reward threshold)."""
-        curves, measures, walls = {}, {}, {}
+        curves, tables, measures, walls = {}, {}, {}, {}
         for variant in self.cfg.variants:
             v = variant.name
-            vae, fs, measure = (self._done(f"{v}/{stage}") for stage in ("vae", "first_stage", "measure"))
+            owner = variant.control.source if variant.is_control else v  # whose VAE training it is
+            vae = self._done(f"{owner}/vae")
+            fs, measure, predictors = (self._done(f"{v}/{stage}") for stage in ("first_stage", "measure",
+                                                                                 "predictors"))
             latents = self.runner.read_marker(f"{v}/latents") if self.cfg.cache_latents else None
-            curves[v] = {seed: [tuple(p) for p in self._done(f"{v}/seed{seed}/reward")["outputs"]["curve"]]
-                         for seed in self.cfg.seeds}
+            rewards = {seed: self._done(f"{v}/seed{seed}/reward")["outputs"] for seed in self.cfg.seeds}
+            curves[v] = {seed: [tuple(p) for p in r["curve"]] for seed, r in rewards.items()}
+            tables[v] = {seed: {int(step): values for step, values in r.get("per_prompt", {}).items()}
+                         for seed, r in rewards.items()}
             dit_walls = [self._done(f"{v}/seed{seed}/dit")["wall_s"] for seed in self.cfg.seeds]
             measures[v] = {**measure["outputs"], "latent_statistics": fs["outputs"]["statistics"],
-                           "vae_eval": vae["outputs"].get("eval", {})}
-            walls[v] = {"vae": vae["wall_s"], "first_stage": fs["wall_s"], "measure": measure["wall_s"],
-                        "latents": latents["wall_s"] if latents else 0.0,
+                           "vae_eval": vae["outputs"].get("eval", {}), "predictors": predictors["outputs"],
+                           "control": dataclasses.asdict(variant.control) if variant.is_control else None,
+                           "chance": next(iter(rewards.values())).get("chance")}
+            walls[v] = {"vae": 0.0 if variant.is_control else vae["wall_s"], "first_stage": fs["wall_s"],
+                        "measure": measure["wall_s"], "latents": latents["wall_s"] if latents else 0.0,
                         "dit": sum(dit_walls) / len(dit_walls), "dit_per_seed": dit_walls}
-        return self.write_report(curves, measures, walls)
+        return self.write_report(curves, measures, walls, tables=tables)
 
-    def write_report(self, curves: dict, measures: dict, walls: dict, sections: list[str] = ()) -> dict:
+    def write_report(self, curves: dict, measures: dict, walls: dict, sections: list[str] = (),
+                     tables: dict | None = None) -> dict:
         from tools.spectral import plot_spectra
-        from tools.study_report import reward_summary, write_report
+        from tools.study_report import reward_summary, statistics_section, write_report
 
         cfg = self.cfg
         summary = reward_summary(curves, cfg.baseline, cfg.reward.threshold, cfg.reward.threshold_fraction)
@@ -424,16 +571,42 @@ class Study:
         analyses = {v: json.loads(Path(m["spectral_file"]).read_text()) for v, m in measures.items()}
         spectra = plot_spectra(analyses, report_dir)
         captions, _ = self.prompts()
-        extra = ["## Spectra of the frozen first stages", "",
+        stats_lines, stats = statistics_section(tables or {}, measures, summary, cfg.baseline, cfg.reward.resamples)
+        pictures = ["## Pictures", "",
+                    "Original | reconstruction frames (first, middle, last) of prompt clips and held-out real clips, and "
+                    f"samples of the first {min(8, len(captions))} prompts at the first and the last evaluation "
+                    f"(seed {cfg.seeds[0]}; each row: caption | reward there).", ""]
+        for variant in self.cfg.variants:
+            grid = (measures[variant.name].get("default_data") or {}).get("grid")
+            samples = self.samples_picture(variant, cfg.seeds[0], report_dir / f"samples_{variant.name}.png")
+            pictures += [f"### {variant.name}", ""]
+            if grid:
+                pictures.append(f"![reconstructions {variant.name}]({os.path.relpath(grid, report_dir)})")
+            if samples:
+                pictures.append(f"![samples {variant.name}]({samples.name})")
+            pictures.append("")
+        extra = [*stats_lines, *pictures,
+                 "## Spectra of the frozen first stages", "",
                  *[f"![{p.stem}]({p.name})" for p in spectra], "",
                  "## Setup", "",
-                 f"- seeds: {list(cfg.seeds)}; reward: {cfg.reward.kind}; prompts ({len(captions)}): "
-                 + "; ".join(f"\"{c}\"" for c in captions),
+                 f"- seeds: {list(cfg.seeds)}; reward: {cfg.reward.kind}; {len(captions)} prompts: captions of "
+                 f"{len(captions)} held-out clips (generation seed {cfg.prompts.seed}; the DiT data uses seed "
+                 f"{cfg.data.default.seed}), e.g. " + "; ".join(f"\"{c}\"" for c in captions[:4]),
                  f"- stage markers: `{self.runner.root}`; per-variant outputs: `{self.out / 'variants'}`", "",
                  *sections]
         files = write_report(report_dir, "Convergence study", summary, curves, measures, walls, extra)
-        return {"summary": summary, "files": {k: str(v) for k, v in files.items()},
+        if stats is not None:
+            data = json.loads(files["json"].read_text())
+            data["statistics"] = stats
+            files["json"].write_text(json.dumps(data, indent=1, default=str) + "\n")
+        return {"summary": summary, "statistics": stats, "files": {k: str(v) for k, v in files.items()},
                 "spectral_plots": [str(p) for p in spectra], "measures": measures, "walls": walls}
+
+
+def _block_means(clips: torch.Tensor, k: int) -> torch.Tensor:
+    """Each frame replaced by the means of its k x k pixel blocks: what a latent that only pools carries."""
+    pooled = torch.nn.functional.avg_pool3d(clips, (1, k, k))
+    return pooled.repeat_interleave(k, dim=3).repeat_interleave(k, dim=4)
 
 
 class _NoLPIPS(torch.nn.Module):
@@ -459,7 +632,8 @@ class RewardScorer:
         videos = [read_video(f) for f in files]
         if self.cfg.kind == "caption":
             result = score_batch(videos, truths, [f.stem for f in files])
-            return {"mean": result["mean"]["total"], "attributes": result["mean"], "chance": result["chance"]["total"]}
+            return {"mean": result["mean"]["total"], "attributes": result["mean"], "chance": result["chance"]["total"],
+                    "per_prompt": [v["total"] for v in result["per_video"]]}
         from tools.unified_reward import QwenVLGenerator, score_videos
 
         u = self.cfg.unified
@@ -467,7 +641,8 @@ class RewardScorer:
             self._generator = QwenVLGenerator.from_pretrained(u.model_path, u.dtype, max_pixels=u.max_pixels,
                                                               max_new_tokens=u.max_new_tokens)
         result = score_videos(videos, captions, self._generator, u, [f.stem for f in files], show_progress=False)
-        return {"mean": result["mean_score"], "num_unparseable": result["num_unparseable"]}
+        return {"mean": result["mean_score"], "num_unparseable": result["num_unparseable"],
+                "per_prompt": [v.get("score") for v in result.get("per_video", [])]}
 
 
 def _stats_summary(stats: dict) -> dict:

@@ -16,6 +16,7 @@ from infra.config import MISSING, check
 from infra.footage import CLIP_NAMES
 from tools.unified_reward import UnifiedRewardConfig
 from vae.first_stage import FIRST_STAGE_KINDS
+from vae.latent_transform import TRANSFORM_KINDS
 
 LAUNCHERS = ("python", "deepspeed")
 REWARDS = ("caption", "unified")
@@ -117,6 +118,25 @@ class RunTemplateConfig:
 
 
 @dataclass
+class ControlConfig:
+    """A spectral control (``vae.latent_transform``): another variant's frozen VAE seen through an invertible
+    transform of its latents. Reconstructions are the source's; only the latent spectrum the DiT sees changes."""
+
+    source: str = ""  # the variant whose VAE is transformed (one that is not a control itself)
+    kind: str = ""  # checkerboard | whiten; empty: the variant is not a control
+    cell: int = 1  # checkerboard cell, latent positions (the DiT's patch size flips whole tokens)
+
+    def validate(self, prefix: str = "control") -> None:
+        if not self.kind:
+            check(not self.source, f"{prefix}.kind", f"name a transform ({TRANSFORM_KINDS}) for source "
+                                                     f"{self.source!r}")
+            return
+        check(self.kind in TRANSFORM_KINDS, f"{prefix}.kind", f"must be one of {TRANSFORM_KINDS}, got {self.kind!r}")
+        check(bool(self.source), f"{prefix}.source", "name the variant whose VAE the control transforms")
+        check(self.cell >= 1, f"{prefix}.cell", f"must be >= 1, got {self.cell}")
+
+
+@dataclass
 class VariantConfig:
     """One first stage under study."""
 
@@ -126,21 +146,30 @@ class VariantConfig:
     path: str = ""
     vae_overrides: list[str] = field(default_factory=list)  # added to vae.overrides (e.g. loss.lmr.enabled=false)
     t2v_overrides: list[str] = field(default_factory=list)  # added to t2v.overrides (e.g. first_stage.tile_size=256)
+    control: ControlConfig = field(default_factory=ControlConfig)
+
+    @property
+    def is_control(self) -> bool:
+        return bool(self.control.kind)
 
     @property
     def trains_vae(self) -> bool:
-        return not self.path
+        return not self.path and not self.is_control
 
     def validate(self, prefix: str = "variant") -> None:
         check(bool(_NAME.match(self.name)), f"{prefix}.name", f"must be letters, digits, _ . - only, got {self.name!r}")
         check(self.kind in FIRST_STAGE_KINDS, f"{prefix}.kind",
               f"must be one of {FIRST_STAGE_KINDS}, got {self.kind!r}")
-        check(self.kind == "ssvae" or bool(self.path), f"{prefix}.path",
+        check(self.kind == "ssvae" or bool(self.path) or self.is_control, f"{prefix}.path",
               f"a {self.kind} first stage is not trained here: name its local folder")
         check(not self.path or Path(self.path).is_dir(), f"{prefix}.path", f"{self.path} is not a folder")
         for key in ("vae_overrides", "t2v_overrides"):
             bad = [o for o in getattr(self, key) if "=" not in o]
             check(not bad, f"{prefix}.{key}", f"must be key=value, got {bad}")
+        self.control.validate(f"{prefix}.control")
+        if self.is_control:
+            check(not self.path and not self.vae_overrides, f"{prefix}.control",
+                  "a control transforms its source's VAE: it takes no path and no vae_overrides")
 
 
 @dataclass
@@ -154,9 +183,13 @@ class MeasureConfig:
     batch_size: int = 2
     cutoff: float = 0.25  # low-frequency cut-off of tools.spectral
     lpips: bool = True  # LPIPS (AlexNet) in the reconstruction table
+    # DiT training latents the no-training predictors (spectral numbers, velocity irreducible variance) are
+    # measured on, from the latent cache.
+    predictor_clips: int = 512
 
     def validate(self, prefix: str = "measure") -> None:
         check(self.stats_clips >= 1 and self.num_clips >= 1, f"{prefix}.stats_clips/num_clips", "must be >= 1")
+        check(self.predictor_clips >= 16, f"{prefix}.predictor_clips", f"must be >= 16, got {self.predictor_clips}")
         check((self.frames - 1) % 4 == 0, f"{prefix}.frames", f"must be 1 + 4k, got {self.frames}")
         check(self.size >= 16 and self.size % 16 == 0, f"{prefix}.size", f"must be a multiple of 16, got {self.size}")
         check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
@@ -171,12 +204,15 @@ class RewardConfig:
     # Reward a variant must reach; 0: threshold_fraction x the baseline's final mean reward.
     threshold: float = 0.0
     threshold_fraction: float = 0.9
+    # Bootstrap resamples (over seeds and prompts) of the 95 % intervals and paired comparisons (tools.study_stats).
+    resamples: int = 2000
     unified: UnifiedRewardConfig = field(default_factory=UnifiedRewardConfig)
 
     def validate(self, prefix: str = "reward") -> None:
         check(self.kind in REWARDS, f"{prefix}.kind", f"must be one of {REWARDS}, got {self.kind!r}")
         check(self.threshold >= 0, f"{prefix}.threshold", "must be >= 0")
         check(0 < self.threshold_fraction <= 1, f"{prefix}.threshold_fraction", "must be in (0, 1]")
+        check(self.resamples >= 100, f"{prefix}.resamples", f"must be >= 100, got {self.resamples}")
         if self.kind == "unified":
             check(Path(self.unified.model_path).is_dir(), f"{prefix}.unified.model_path",
                   f"{self.unified.model_path!r} is not a local folder (the UnifiedReward Qwen2.5-VL model)")
@@ -207,6 +243,17 @@ class StudyConfig:
               f"must be a non-empty list of distinct integers, got {list(self.seeds)}")
         check(self.prompts.seed != self.data.default.seed, "prompts.seed",
               "must differ from data.default.seed (the prompts must be held out)")
+        by_name = {v.name: v for v in self.variants}
+        for i, v in enumerate(self.variants):
+            if not v.is_control:
+                continue
+            source = by_name.get(v.control.source)
+            check(source is not None, f"variants[{i}].control.source",
+                  f"{v.control.source!r} is not a variant name ({names})")
+            check(not source.is_control, f"variants[{i}].control.source",
+                  f"{source.name!r} is itself a control; controls transform a VAE")
+            check(source.kind == v.kind, f"variants[{i}].kind",
+                  f"a control has its source's kind ({source.kind!r}), got {v.kind!r}")
 
     def variant(self, name: str) -> VariantConfig:
         for v in self.variants:

@@ -182,22 +182,34 @@ def markdown_tables(summary: dict, measures: dict[str, dict], walls: dict[str, d
         gain = "-" if row["relative_gain"] is None else f"{100 * row['relative_gain']:+.1f} %"
         lines.append(f"| {variant} | {steps} | {speed} | {_pm(row['final'])} | {gain} | "
                      f"{row['seeds_reaching']}/{row['seeds']} |")
-    lines += ["", "| variant | rec. PSNR (dB) | SSIM | LPIPS | rec. reward | low-freq ratio | "
-              "temporal low-freq ratio | effective rank | top-4 share | mean kurtosis | VAE train (s) | "
-              "DiT train (s, mean per seed) |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    ceilings = []
+    lines += ["", "| variant | compression | default-data PSNR (dB) | real PSNR (dB) | held-out real PSNR (dB) | SSIM | "
+              "LPIPS | rec. reward | low-freq ratio | temporal low-freq ratio | effective rank | top-4 share | "
+              "mean kurtosis | VAE train (s) | DiT train (s, mean per seed) |",
+              "| --- " * 15 + "|"]
+    ceilings, pooling = [], {}
     for variant, m in measures.items():
         rec, spec, wall = m.get("reconstruction_mean", {}), m.get("spectral", {}), walls.get(variant, {})
         ceiling = m.get("reconstruction_reward") or {}
+        default = m.get("default_data") or {}
         if ceiling:
             ceilings.append((variant, ceiling))
+        if default.get("pooling_psnr"):
+            pooling = default
+        heldout = [r["psnr"] for r in m.get("reconstruction", []) if r.get("held_out")]
+        compression = (f"{default['temporal_compression']}x{default['spatial_compression']}x"
+                       f"{default['spatial_compression']}" if default.get("spatial_compression") else "-")
         lines.append(
-            f"| {variant} | {_fmt(rec.get('psnr'), 2)} | {_fmt(rec.get('ssim'))} | {_fmt(rec.get('lpips'))} | "
-            f"{_fmt(ceiling.get('mean'))} | "
+            f"| {variant} | {compression} | {_fmt(default.get('psnr'), 2)} | {_fmt(rec.get('psnr'), 2)} | "
+            f"{_fmt(sum(heldout) / len(heldout) if heldout else None, 2)} | {_fmt(rec.get('ssim'))} | "
+            f"{_fmt(rec.get('lpips'))} | {_fmt(ceiling.get('mean'))} | "
             f"{_fmt(spec.get('low_freq_ratio'), 2)} | {_fmt(spec.get('temporal_low_freq_ratio'), 2)} | "
             f"{_fmt(spec.get('effective_rank'), 1)} | {_fmt(spec.get('top_4_share'))} | "
             f"{_fmt(spec.get('mean_kurtosis'), 2)} | {_fmt(wall.get('vae'), 0)} | {_fmt(wall.get('dit'), 0)} |")
+    if pooling:
+        lines += ["", f"default-data PSNR: the {pooling['clips']} prompt clips (default data of a seed no VAE trained "
+                  "on). Each frame replaced by its block means gives " + ", ".join(
+                      f"{v:.2f} dB at {k}" for k, v in pooling["pooling_psnr"].items())
+                  + " (the pooling baselines: what a latent that only averages carries)."]
     if ceilings:
         original = ceilings[0][1]["original"]
         lines += ["", f"rec. reward: the caption reward of each VAE's reconstructions of the {ceilings[0][1]['clips']} "
@@ -223,3 +235,82 @@ def write_report(out_dir: str | Path, title: str, summary: dict, curves: dict[st
           *sections]
     (out / "report.md").write_text("\n".join(md) + "\n")
     return {"markdown": out / "report.md", "json": out / "report.json", "plot": png}
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+PREDICTORS = {  # name in the predictors stage's outputs -> column title
+    "low_freq_ratio": "low-freq ratio", "temporal_low_freq_ratio": "temporal low-freq ratio",
+    "effective_rank": "effective rank", "top_4_share": "top-4 share", "viv": "VIV",
+}
+
+
+def _ci(value, interval, digits: int = 3, suffix: str = "") -> str:
+    if value is None:
+        return "-"
+    text = f"{value:.{digits}f}{suffix}"
+    if interval is None:
+        return text
+    lo, hi = (("inf" if math.isinf(v) and v > 0 else f"{v:.{digits}f}{suffix}") for v in interval)
+    return f"{text} [{lo}, {hi}]"
+
+
+def statistics_section(tables: dict, measures: dict, summary: dict, baseline: str,
+                       resamples: int = 2000) -> tuple[list[str], dict | None]:
+    """Markdown of the bootstrap statistics, the verdict and the no-training predictors, and the numbers behind it.
+
+    ``tables[variant][seed][step]`` = per-prompt rewards. Returns ([], None) when they are missing (a study run before
+    per-prompt rewards were kept).
+    """
+    from tools.study_stats import bootstrap, rank_correlations, verdict
+
+    if not tables or any(not seeds or any(not steps for steps in seeds.values()) for seeds in tables.values()):
+        return [], None
+    threshold = summary["threshold"]
+    stats = bootstrap(tables, threshold, baseline if baseline in tables else "", resamples)
+    chance = next((m.get("chance") for m in measures.values() if m.get("chance") is not None), None)
+    original = next((m["reconstruction_reward"]["original"] for m in measures.values()
+                     if m.get("reconstruction_reward")), None)
+    lines = [f"## Statistics: 95 % bootstrap intervals over seeds {stats['seeds']} and {stats['prompts']} prompts "
+             f"({stats['resamples']} resamples), paired against {baseline or 'nothing'}", "",
+             f"Reward threshold {threshold:.3f}; chance level of the reward on these prompts "
+             f"{'-' if chance is None else f'{chance:.3f}'}"
+             + ("" if original is None else f"; the prompt clips themselves score {original:.3f}") + ". Steps to "
+             "threshold are interpolated between evaluations; the area under the curve (AUC) is the mean reward over "
+             "the evaluations.", "",
+             "| variant | steps to threshold | speed-up | final reward | final - baseline | AUC | AUC - baseline |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for variant, est in stats["variants"].items():
+        paired = est.get("vs_baseline") or {}
+        steps = _ci(est["steps"], est["steps_ci"], 0) if est["steps"] is not None else (
+            f"never ({100 * est['reach_fraction']:.0f} % of resamples reach it)")
+        lines.append(f"| {variant} | {steps} | {_ci(paired.get('speed_up'), paired.get('speed_up_ci'), 2, 'x')} | "
+                     f"{_ci(est['final'], est['final_ci'])} | "
+                     f"{_ci(paired.get('final_diff'), paired.get('final_diff_ci'))} | "
+                     f"{_ci(est['auc'], est['auc_ci'])} | {_ci(paired.get('auc_diff'), paired.get('auc_diff_ci'))} |")
+    lines += ["", "### Verdict", "", *[f"- {line}" for line in verdict(stats)], ""]
+
+    predictors = {key: {v: (m.get("predictors") or {}).get(key) for v, m in measures.items()} for key in PREDICTORS}
+    outcomes = {"final reward": {v: e["final"] for v, e in stats["variants"].items()},
+                "AUC": {v: e["auc"] for v, e in stats["variants"].items()},
+                "speed (-steps)": {v: (-e["steps"] if e["steps"] is not None else None)
+                                   for v, e in stats["variants"].items()}}
+    correlations = rank_correlations(predictors, outcomes)
+    lines += ["## Predictors that need no DiT training", "",
+              "Measured on the DiT's training latents (normalised, after any control transform). VIV: velocity "
+              "irreducible variance (tools.diffusability; lower = less ambiguous targets).", "",
+              "| variant | " + " | ".join(PREDICTORS.values()) + " | final reward | AUC |",
+              "| --- " * (len(PREDICTORS) + 3) + "|"]
+    for variant in stats["variants"]:
+        values = [predictors[key][variant] for key in PREDICTORS]
+        lines.append(f"| {variant} | " + " | ".join(_fmt(v, 3) for v in values)
+                     + f" | {stats['variants'][variant]['final']:.3f} | {stats['variants'][variant]['auc']:.3f} |")
+    lines += ["", "Spearman rank correlation across variants and controls (n, p in brackets):", "",
+              "| predictor | " + " | ".join(outcomes) + " |", "| --- " * (len(outcomes) + 1) + "|"]
+    for key, title in PREDICTORS.items():
+        cells = []
+        for outcome in outcomes:
+            c = correlations[key][outcome]
+            cells.append("-" if c["rho"] is None else f"{c['rho']:+.2f} (n={c['n']}, p={c['p']:.2f})")
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines, {**stats, "predictors": predictors, "correlations": correlations}

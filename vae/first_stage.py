@@ -34,6 +34,9 @@ class FirstStageConfig:
     # Spatial tiling (pixels) for all kinds; None = whole frames.
     tile_size: Optional[int] = None
     tile_overlap: int = 64
+    # An invertible transform of the normalised latents (vae.latent_transform, the study's spectral controls):
+    # applied after encode, undone before decode. Empty: none.
+    latent_transform: str = ""
 
     def validate(self) -> None:
         if self.kind not in FIRST_STAGE_KINDS:
@@ -46,6 +49,8 @@ class FirstStageConfig:
             raise ValueError(f"first_stage.chunk_latent_frames must be >= 1 or None, got {self.chunk_latent_frames}")
         if self.tile_size is not None and not 0 <= self.tile_overlap < self.tile_size:
             raise ValueError(f"first_stage.tile_overlap must be in [0, tile_size), got {self.tile_overlap}")
+        if self.latent_transform and not Path(self.latent_transform).is_file():
+            raise ValueError(f"first_stage.latent_transform: {self.latent_transform} is not a file")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -110,6 +115,26 @@ class SSVAEFirstStage(FirstStage):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return decode_latents(self.vae, latents.to(self.dtype), self.inference).clamp(-1, 1)
+
+
+class TransformedFirstStage(FirstStage):
+    """Another first stage seen through an invertible latent transform (``vae.latent_transform``): encode applies
+    it, decode undoes it, so reconstructions equal the wrapped stage's up to float rounding."""
+
+    def __init__(self, base: FirstStage, transform: nn.Module) -> None:
+        super().__init__(base)  # the wrapped stage is self.vae
+        self.transform = transform.eval().requires_grad_(False)
+        self.latent_channels = base.latent_channels
+        self.temporal_compression = base.temporal_compression
+        self.spatial_compression = base.spatial_compression
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        return self.transform(self.vae.encode(video).float())
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(self.transform.inverse(latents.float()))
 
 
 class _DiffusersFirstStage(FirstStage):
@@ -187,6 +212,16 @@ def _local_folder(path: str) -> Path:
 
 def load_first_stage(config: FirstStageConfig, device: torch.device | str | None = None) -> FirstStage:
     config.validate()
+    stage = _load_base(config, device)
+    if not config.latent_transform:
+        return stage
+    from vae.latent_transform import load_latent_transform
+
+    transform = load_latent_transform(config.latent_transform)
+    return TransformedFirstStage(stage, transform.to(device) if device is not None else transform)
+
+
+def _load_base(config: FirstStageConfig, device: torch.device | str | None) -> FirstStage:
     folder = _local_folder(config.path)
     dtype = config.torch_dtype
     if config.kind == "ssvae":

@@ -1,0 +1,88 @@
+"""The study's statistics on constructed reward curves: a known 2x speed-up is recovered, a known null is not called."""
+
+import math
+
+import numpy as np
+import pytest
+
+from tools.study_stats import bootstrap, crossing_step, rank_correlations, verdict
+
+STEPS = [0, 100, 200, 300, 400, 500, 600, 700, 800]
+
+
+def curves(rate: float, seeds=(0, 1, 2), prompts: int = 32, seed: int = 0, ceiling: float = 0.9) -> dict:
+    """Per-prompt rewards in {0, 1/3, 2/3, 1} (three attributes right or wrong) around ceiling * (1 - exp(-rate s)),
+    with a per-seed and a per-prompt difficulty, so seeds and prompts spread as real runs do."""
+    rng = np.random.default_rng(seed)
+    difficulty = rng.normal(0, 0.08, prompts)
+    table = {}
+    for s in seeds:
+        seed_shift = rng.normal(0, 0.04)
+        table[s] = {}
+        for step in STEPS:
+            p = np.clip(ceiling * (1 - math.exp(-rate * step)) + seed_shift - difficulty, 0.02, 0.98)
+            table[s][step] = (rng.binomial(3, p) / 3).tolist()
+    return table
+
+
+def test_crossing_step_interpolates_between_evaluations():
+    steps = np.array([0.0, 100.0, 200.0])
+    assert crossing_step(steps, np.array([0.0, 0.2, 0.6]), 0.4) == pytest.approx(150.0)
+    assert crossing_step(steps, np.array([0.5, 0.6, 0.7]), 0.4) == 0.0
+    assert math.isinf(crossing_step(steps, np.array([0.0, 0.1, 0.2]), 0.4))
+
+
+def test_a_known_two_fold_speed_up_is_recovered_and_called_significant():
+    tables = {"baseline": curves(0.0025, seed=1), "fast": curves(0.005, seed=2)}
+    stats = bootstrap(tables, threshold=0.45, baseline="baseline", resamples=1000)
+    fast = stats["variants"]["fast"]["vs_baseline"]
+    lo, hi = fast["speed_up_ci"]
+    assert lo < 2.0 < hi and lo > 1.0  # the true ratio is inside, and 1 is excluded
+    assert 1.6 < fast["speed_up"] < 2.5
+    assert fast["faster"] is True
+    assert "fast** reaches the threshold significantly faster" in " ".join(verdict(stats))
+
+
+def test_a_known_null_is_not_called_significant():
+    # Same curves, other noise: no difference may be claimed, in speed or in final reward.
+    tables = {"baseline": curves(0.004, seed=3), "same": curves(0.004, seed=4)}
+    stats = bootstrap(tables, threshold=0.45, baseline="baseline", resamples=1000)
+    same = stats["variants"]["same"]["vs_baseline"]
+    assert same["speed_up_ci"][0] < 1.0 < same["speed_up_ci"][1]
+    assert same["final_diff_ci"][0] < 0.0 < same["final_diff_ci"][1]
+    assert same["faster"] is None and same["final_higher"] is None
+    assert "no significant difference in speed" in " ".join(verdict(stats))
+
+
+def test_a_lower_plateau_is_a_significantly_lower_final_reward():
+    tables = {"baseline": curves(0.004, seed=5), "worse": curves(0.004, seed=6, ceiling=0.55)}
+    stats = bootstrap(tables, threshold=0.3, baseline="baseline", resamples=500)
+    assert stats["variants"]["worse"]["vs_baseline"]["final_higher"] is False
+
+
+def test_pairing_uses_the_same_seeds_and_prompts():
+    base = curves(0.004, seed=7)
+    # The variant is the baseline plus exactly 0.05 everywhere: a paired interval is tight around it.
+    shifted = {s: {st: [r + 0.05 for r in v] for st, v in steps.items()} for s, steps in base.items()}
+    stats = bootstrap({"baseline": base, "plus": shifted}, threshold=0.3, baseline="baseline", resamples=500)
+    lo, hi = stats["variants"]["plus"]["vs_baseline"]["final_diff_ci"]
+    assert lo == pytest.approx(0.05) and hi == pytest.approx(0.05)
+
+
+def test_bad_inputs_raise_clear_errors():
+    good = curves(0.004)
+    with pytest.raises(ValueError, match="baseline 'nope'"):
+        bootstrap({"a": good}, 0.3, "nope")
+    fewer = {s: dict(t) for s, t in good.items()}
+    fewer[0][800] = good[0][800][:10]
+    with pytest.raises(ValueError, match="same prompts"):
+        bootstrap({"a": fewer}, 0.3)
+    with pytest.raises(ValueError, match="share no seed"):
+        bootstrap({"a": {0: good[0]}, "b": {1: good[1]}}, 0.3)
+
+
+def test_rank_correlations():
+    out = rank_correlations({"p": {"a": 1.0, "b": 2.0, "c": 3.0, "d": None}},
+                            {"o": {"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4}, "short": {"a": 1.0}})
+    assert out["p"]["o"]["rho"] == pytest.approx(1.0) and out["p"]["o"]["n"] == 3
+    assert out["p"]["short"]["rho"] is None
