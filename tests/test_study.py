@@ -232,12 +232,32 @@ def test_shipped_study_configs_validate(monkeypatch):
         vae = study.vae_config(cfg.variants[-1])
         assert str(study.data / "default") in vae.data.video_roots
     tiny = load_config(StudyConfig, "configs/study/tiny.yaml")
-    assert [v.name for v in tiny.variants] == ["baseline", "lcr", "lmr", "lcr_lmr"]
+    assert [v.name for v in tiny.variants] == ["baseline", "lcr", "lmr", "lcr_lmr", "lcr_lmr_checker",
+                                               "lcr_lmr_white"]
     study = Study(tiny, "tiny")
     flags = {v.name: (study.vae_config(v).loss.lcr.enabled, study.vae_config(v).loss.lmr.enabled)
-             for v in tiny.variants}
+             for v in tiny.variants if v.trains_vae}
     assert flags == {"baseline": (False, False), "lcr": (True, False), "lmr": (False, True), "lcr_lmr": (True, True)}
+    controls = {v.name: (v.control.source, v.control.kind) for v in tiny.variants if v.is_control}
+    assert controls == {"lcr_lmr_checker": ("lcr_lmr", "checkerboard"), "lcr_lmr_white": ("lcr_lmr", "whiten")}
+    assert [v.name for v in study.ordered_variants()][-2:] == ["lcr_lmr_checker", "lcr_lmr_white"]
+    assert len(tiny.seeds) >= 3 and tiny.prompts.num_prompts >= 32
     assert not math.isnan(tiny.reward.threshold_fraction)
+
+
+@pytest.mark.parametrize("variant, key", [
+    ("{name: c, control: {source: nowhere, kind: whiten}}", r"variants\[2\]\.control\.source"),
+    ("{name: c, control: {source: lcr_lmr, kind: blur}}", r"variants\[2\]\.control\.kind"),
+    ("{name: c, path: /tmp, control: {source: lcr_lmr, kind: whiten}}", r"variants\[2\]\.control"),
+    ("{name: c, control: {source: lcr_lmr}}", r"variants\[2\]\.control\.kind"),
+])
+def test_control_errors_name_the_key(tmp_path, monkeypatch, variant, key):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    path = _study_yaml(tmp_path, BASE.replace("{name: lcr_lmr}]", "{name: lcr_lmr}, " + variant + "]"))
+    with pytest.raises(ConfigError, match=key):
+        load_config(StudyConfig, path)
 
 
 def _data_only_study(tmp_path, monkeypatch, *overrides):
@@ -255,9 +275,18 @@ def _data_only_study(tmp_path, monkeypatch, *overrides):
 
 
 def test_default_data_scene_options_reach_the_generated_set(tmp_path, monkeypatch):
-    _data_only_study(tmp_path, monkeypatch, "data.default.num_videos=3", "data.default.size=32",
-                     "data.default.frames=5", "prompts.num_prompts=2", "data.default.colors=[red,blue]",
-                     "data.default.motions=[left]")
+    study = _data_only_study(tmp_path, monkeypatch, "data.default.num_videos=3", "data.default.size=32",
+                             "data.default.frames=5", "prompts.num_prompts=2", "data.default.colors=[red,blue]",
+                             "data.default.motions=[left]", "data.default.seed=7", "prompts.seed=1234")
+    # The sizes and seeds in the config are the ones the sets were made with, and the prompts are their captions.
+    default = json.loads((tmp_path / "data" / "default" / "manifest.json").read_text())
+    prompts = json.loads((tmp_path / "data" / "prompts" / "manifest.json").read_text())
+    assert (default["num_videos"], default["seed"], default["config"]["frames"]) == (3, 7, 5)
+    assert (prompts["num_videos"], prompts["num_images"], prompts["seed"]) == (2, 0, 1234)
+    captions, truths = study.prompts()
+    assert len(captions) == len(truths) == 2
+    t2v = study.t2v_config(study.cfg.variants[0], 0, first_stage=str(tmp_path), cache_dir="")
+    assert t2v.data.video_roots == str(tmp_path / "data" / "default")
     for folder in ("default", "prompts"):
         truths = [json.loads(line)["truth"] for meta in sorted((tmp_path / "data" / folder).glob("*.meta.jsonl"))
                   for line in meta.read_text().splitlines()]

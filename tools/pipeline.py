@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 from tools.study import Study, load_study_config
@@ -28,6 +29,7 @@ def locations(study: Study, report: dict) -> dict[str, dict[str, str]]:
         fs = study.runner.read_marker(f"{variant.name}/first_stage")["outputs"]
         places = {"VAE training run": vdir / "vae", "VAE (frozen, with its latent statistics)": Path(fs["path"]),
                   "reconstruction table": vdir / "measure" / "reconstruction.md",
+                  "reconstruction frames (PNG)": vdir / "measure" / "reconstructions.png",
                   "reconstructions (original | reconstruction)": vdir / "measure" / "reconstructions",
                   "latent spectra": vdir / "measure" / "spectral.json", "latent cache": vdir / "latents"}
         for seed in study.cfg.seeds:
@@ -39,29 +41,58 @@ def locations(study: Study, report: dict) -> dict[str, dict[str, str]]:
             places[f"caption rewards per step (seed {seed})"] = vdir / f"seed{seed}" / "reward.json"
         out[variant.name] = {k: str(v) for k, v in places.items()}
     out["report"] = {"study report": report["files"]["markdown"], "reward plot": report["files"]["plot"],
-                     "data": str(study.data)}
+                     "samples (PNG)": str(Path(report["files"]["markdown"]).parent), "data": str(study.data)}
     return out
 
 
 def summary_lines(study: Study, report: dict) -> list[str]:
+    """What the main job measured, per variant: the VAE's reconstructions, then the DiT's reward along training."""
     lines = []
     for variant in study.cfg.variants:
         m = report["measures"][variant.name]
-        rec, spec = m["reconstruction_mean"], m["spectral"]
+        rec, spec, default = m["reconstruction_mean"], m["spectral"], m.get("default_data") or {}
+        heldout = [r for r in m["reconstruction"] if r.get("held_out")]
         row = report["summary"]["variants"][variant.name]
-        final = row["final"]
-        lines.append(f"- **{variant.name}**: reconstruction PSNR {rec['psnr']:.2f} dB, SSIM {rec['ssim']:.3f}, "
-                     f"LPIPS {rec['lpips']:.3f} over {len(m['reconstruction'])} real clips; latent low-frequency "
-                     f"ratio {spec['low_freq_ratio']:.2f}, effective rank {spec['effective_rank']:.1f}; "
-                     f"final caption reward {final['mean']:.3f}")
-        curve = row["mean_curve"]
-        lines.append("  reward by step: " + ", ".join(f"{s}: {r:.3f}" for s, r in curve))
+        ceiling = m.get("reconstruction_reward") or {}
+        compression = (f"{default['temporal_compression']}x{default['spatial_compression']}x"
+                       f"{default['spatial_compression']}" if default else "?")
+        pooling = ", ".join(f"{v:.2f} dB at {k}" for k, v in (default.get("pooling_psnr") or {}).items())
+        lines.append(f"- **{variant.name}** VAE ({compression} compression, {m['latent_statistics']['channels']} "
+                     f"latent channels): held-out default data {default.get('psnr', float('nan')):.2f} dB PSNR over "
+                     f"{default.get('clips', 0)} clips (pooling baselines: {pooling}); real footage "
+                     f"{rec['psnr']:.2f} dB, SSIM {rec['ssim']:.3f}, LPIPS {rec['lpips']:.3f} over "
+                     f"{len(m['reconstruction'])} clips"
+                     + (f", held out ({', '.join(r['name'] for r in heldout)}): "
+                        f"{sum(r['psnr'] for r in heldout) / len(heldout):.2f} dB" if heldout else ""))
+        if ceiling:
+            lines.append(f"  caption reward of its reconstructions of the prompt clips {ceiling['mean']:.3f} "
+                         f"(the clips themselves {ceiling['original']:.3f}, "
+                         f"{ceiling['mean'] / max(ceiling['original'], 1e-9):.2f}x)")
+        lines.append(f"  latent low-frequency ratio {spec['low_freq_ratio']:.2f}, effective rank "
+                     f"{spec['effective_rank']:.1f}")
+        chance = m.get("chance")
+        lines.append(f"  DiT caption reward on {len(study.prompts()[0])} held-out prompts by step (chance "
+                     f"{'-' if chance is None else f'{chance:.3f}'}): "
+                     + ", ".join(f"{s}: {r:.3f}" for s, r in row["mean_curve"])
+                     + f"; final {row['final']['mean']:.3f}")
     return lines
 
 
 def write_pipeline_report(study: Study, report: dict) -> Path:
     places = locations(study, report)
-    md = ["# Main job", "", *summary_lines(study, report), "", "## Where everything is", ""]
+    report_dir = Path(report["files"]["markdown"]).parent
+    md = ["# Main job", "", *summary_lines(study, report), ""]
+    for variant in study.cfg.variants:
+        grid = (report["measures"][variant.name].get("default_data") or {}).get("grid")
+        samples = report_dir / f"samples_{variant.name}.png"
+        md += [f"## Pictures: {variant.name}", ""]
+        if grid:
+            md += ["Original | reconstruction (frames 0, 4, 8) of prompt clips and held-out real clips:", "",
+                   f"![reconstructions]({os.path.relpath(grid, study.out)})", ""]
+        if samples.is_file():
+            md += ["DiT samples of the first prompts at the first and the last evaluation (caption | reward there):",
+                   "", f"![samples]({os.path.relpath(samples, study.out)})", ""]
+    md += ["## Where everything is", ""]
     for group, items in places.items():
         md += [f"### {group}", "", *[f"- {what}: `{path}`" for what, path in items.items()], ""]
     for variant in study.cfg.variants:
