@@ -43,7 +43,7 @@ from .sequence_parallel import enable_ulysses, ulysses_forward
 from .tensor_parallel import DeepSpeedMPU, apply_tensor_parallel, gather_tensor_parallel_state_dict
 from .text_encoder import build_text_encoder
 from .train_config import T2VTrainConfig
-from .transformer import CogVideoXTransformer
+from .transformer import CogVideoXTransformer, adaln_zero_init
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,10 @@ def build_dit(cfg: T2VTrainConfig, first_stage: FirstStage, text_embed_dim: int)
     """The DiT whose channels, patch size and text width follow from the first stage and the text encoder."""
     config = cfg.model.build(first_stage.latent_channels, first_stage.spatial_compression, text_embed_dim,
                              cfg.text_encoder.max_length)
-    return CogVideoXTransformer(config)
+    model = CogVideoXTransformer(config)
+    if cfg.model.init == "adaln_zero":
+        adaln_zero_init(model)
+    return model
 
 
 @torch.no_grad()

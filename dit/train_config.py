@@ -19,6 +19,7 @@ from .config import PRESETS, DiTConfig
 from .diffusion import DiffusionConfig
 from .samplers import SAMPLERS
 from .text_encoder import TextEncoderConfig
+from .transformer import DIT_INITS
 
 # DiTConfig keys that come from the first stage or the text encoder; setting them by hand would type them twice.
 DERIVED_KEYS = ("in_channels", "out_channels", "text_embed_dim", "max_text_seq_length")
@@ -32,9 +33,14 @@ class ModelConfig:
     patch_size: int = 0  # 0: from the first stage (16 // spatial_compression)
     gradient_checkpointing: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)  # any other DiTConfig field, e.g. num_layers: 4
+    # Initialisation of a DiT trained from scratch: "default" (PyTorch's, as diffusers builds it) or "adaln_zero"
+    # (DiT's: every block's modulation and the output projection start at zero, so each block starts as the identity
+    # and the model predicts 0; Peebles & Xie 2023 found it converges markedly faster). Loading weights ignores it.
+    init: str = "default"
 
     def validate(self, prefix: str = "model") -> None:
         check(self.preset in PRESETS, f"{prefix}.preset", f"must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        check(self.init in DIT_INITS, f"{prefix}.init", f"must be one of {DIT_INITS}, got {self.init!r}")
         check(self.patch_size >= 0, f"{prefix}.patch_size", "must be >= 0 (0: from the first stage)")
         derived = sorted(set(self.overrides) & set(DERIVED_KEYS))
         check(not derived, f"{prefix}.overrides", f"{derived} follow from first_stage / text_encoder; do not set them")

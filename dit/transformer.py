@@ -113,6 +113,20 @@ class FinalAdaLayerNorm(nn.Module):
         return self.norm(x) * (1 + scale) + shift
 
 
+DIT_INITS = ("default", "adaln_zero")
+
+
+def adaln_zero_init(model: "CogVideoXTransformer") -> None:
+    """DiT's adaLN-Zero: zero every block's modulation (shift, scale and gate of attention and MLP) and the output
+    projection, so every block starts as the identity and the model's first prediction is 0."""
+    for module in model.modules():
+        if isinstance(module, ExpertAdaLayerNorm):
+            nn.init.zeros_(module.linear.weight)
+            nn.init.zeros_(module.linear.bias)
+    nn.init.zeros_(model.proj_out.weight)
+    nn.init.zeros_(model.proj_out.bias)
+
+
 class CogVideoXTransformer(nn.Module):
     """forward(latents (B, F, C, H, W), text_states (B, L, text_embed_dim), timestep (B,) integers,
     text_mask (B, L) bool or None) -> prediction (B, F, out_channels, H, W); with the v-prediction

@@ -98,3 +98,31 @@ def test_training_on_cached_latents_equals_on_the_fly(t2v_config, cache):
     assert list(b.values()) == pytest.approx(list(a.values()), rel=1e-4)
     state = json.loads((cached / "checkpoints/step_000003/trainer_state.json").read_text())
     assert state["data_position"] == 3
+
+
+def test_a_control_cache_is_its_source_seen_through_the_transform(t2v_config, cache, tmp_path):
+    """transform_cache re-expresses a cache through a latent transform: what encoding through the transformed first
+    stage gives, captions and text states untouched; a cache from another first stage is refused."""
+    from dit.latent_dataset import LatentCache, read_manifest
+    from dit.train import build_first_stage
+    from infra.data.eval_clips import load_eval_clips
+    from tools.cache_latents import transform_cache
+    from vae.latent_transform import CheckerboardSign
+
+    path = CheckerboardSign(cell=1).save(tmp_path / "checker.safetensors")
+    cfg = _load(t2v_config, f"first_stage.latent_transform={path}")
+    out = transform_cache(cache, tmp_path / "controlled", cfg)
+    source, controlled = LatentCache(cache), LatentCache(out)
+    assert len(controlled) == len(source) == 8
+    assert read_manifest(out)["first_stage"]["latent_transform"] == str(path)
+    clips = load_eval_clips(cfg.data.video_roots, 8, 9, 8.0, 32, 32, "pyav")
+    expected = build_first_stage(cfg, torch.device("cpu")).encode(clips["video"][2:3])[0]
+    torch.testing.assert_close(controlled.load(2)["latents"], expected, atol=1e-5, rtol=1e-4)
+    for field in ("text_states", "text_mask"):
+        assert torch.equal(controlled.load(2)[field], source.load(2)[field])
+    assert controlled.load(2)["meta"] == source.load(2)["meta"]
+    with pytest.raises(ValueError, match="other settings"):
+        transform_cache(cache, tmp_path / "other", _load(t2v_config, f"first_stage.latent_transform={path}",
+                                                          "data.num_frames=5"))
+    with pytest.raises(ValueError, match="names no transform"):
+        transform_cache(cache, tmp_path / "none", _load(t2v_config))

@@ -193,3 +193,20 @@ def test_bad_inputs_and_configs_raise():
         tiny_config(num_layrs=3)
     with pytest.raises(ValueError, match="unknown DiT preset"):
         DiTConfig.preset("cogvideox-9b")
+
+
+def test_adaln_zero_init_starts_from_identity_blocks_and_a_zero_prediction():
+    from dit.transformer import adaln_zero_init
+
+    torch.manual_seed(0)
+    config = DiTConfig.preset("tiny", in_channels=8).replace(patch_size=2)
+    model = CogVideoXTransformer(config)
+    adaln_zero_init(model)
+    x = torch.randn(2, 3, 8, 8, 8)
+    text = torch.randn(2, config.max_text_seq_length, config.text_embed_dim)
+    out = model(x, text, torch.tensor([10, 500]))
+    assert out.shape == x.shape and torch.count_nonzero(out) == 0
+    out.square().sum().backward()  # zero output, but the output projection still learns first
+    out = model(x, text, torch.tensor([10, 500]))
+    (out - torch.randn_like(out)).square().mean().backward()
+    assert model.proj_out.weight.grad.abs().sum() > 0
