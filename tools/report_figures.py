@@ -32,6 +32,7 @@ def _frames(video, picks: Sequence[int] | None) -> list[np.ndarray]:
 
 def _grid(rows: list[tuple[str, list[list[np.ndarray]]]], group_titles: list[str], path: str | Path,
           scale: float = 1.0) -> Path:
+    """One row per entry: a text column with the row's title, then each group's frames side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,19 +41,21 @@ def _grid(rows: list[tuple[str, list[list[np.ndarray]]]], group_titles: list[str
     groups = len(rows[0][1])
     per_group = len(rows[0][1][0])
     cols = groups * per_group
-    fig, axes = plt.subplots(len(rows), cols, figsize=(scale * 1.1 * cols + 0.2, scale * 1.25 * len(rows) + 0.3),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(rows), cols + 1, squeeze=False, gridspec_kw={"width_ratios": [1.8] + [1] * cols},
+                             figsize=(scale * (1.1 * cols + 2.0), scale * 1.2 * len(rows) + 0.3))
     for r, (title, blocks) in enumerate(rows):
+        label = axes[r, 0]
+        label.axis("off")
+        label.text(1.0, 0.5, "\n".join(textwrap.wrap(title, 30)[:6]), fontsize=6, ha="right", va="center",
+                   transform=label.transAxes)
         for g, block in enumerate(blocks):
             for k, frame in enumerate(block):
-                ax = axes[r, g * per_group + k]
+                ax = axes[r, 1 + g * per_group + k]
                 ax.imshow(frame, interpolation="nearest")
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if r == 0 and k == 0:
                     ax.set_title(group_titles[g], fontsize=7, loc="left", fontweight="bold")
-        axes[r, 0].set_ylabel("\n".join(textwrap.wrap(title, 22)[:4]), fontsize=5, rotation=0, ha="right",
-                              va="center", labelpad=4)
     fig.tight_layout(pad=0.3)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

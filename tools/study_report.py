@@ -287,7 +287,8 @@ def statistics_section(tables: dict, measures: dict, summary: dict, baseline: st
                      f"{_ci(est['final'], est['final_ci'])} | "
                      f"{_ci(paired.get('final_diff'), paired.get('final_diff_ci'))} | "
                      f"{_ci(est['auc'], est['auc_ci'])} | {_ci(paired.get('auc_diff'), paired.get('auc_diff_ci'))} |")
-    lines += ["", "### Verdict", "", *[f"- {line}" for line in verdict(stats)], ""]
+    verdict_lines = verdict(stats)
+    lines += ["", "### Verdict", "", *[f"- {line}" for line in verdict_lines], ""]
 
     predictors = {key: {v: (m.get("predictors") or {}).get(key) for v, m in measures.items()} for key in PREDICTORS}
     outcomes = {"final reward": {v: e["final"] for v, e in stats["variants"].items()},
@@ -313,4 +314,4 @@ def statistics_section(tables: dict, measures: dict, summary: dict, baseline: st
             cells.append("-" if c["rho"] is None else f"{c['rho']:+.2f} (n={c['n']}, p={c['p']:.2f})")
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     lines.append("")
-    return lines, {**stats, "predictors": predictors, "correlations": correlations}
+    return lines, {**stats, "verdict": verdict_lines, "predictors": predictors, "correlations": correlations}

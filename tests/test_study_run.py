@@ -1,0 +1,80 @@
+"""The whole study at toy size: two trained VAE variants and a spectral control, two DiT seeds each, then the report
+with its statistics, verdict, predictors and pictures; a re-run skips everything."""
+import json
+from pathlib import Path
+
+import pytest
+
+from infra.config import load_config
+from tools.study_config import StudyConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def toy_study(tmp_path_factory):
+    import os
+
+    from tools.study import Study
+
+    out = tmp_path_factory.mktemp("study")
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        cfg = load_config(StudyConfig, "configs/study/tiny.yaml", [
+            f"output_dir={out}", "seeds=[0,1]", "data.real_footage=false",
+            "data.default.num_videos=12", "data.default.num_images=4", "data.default.size=32",
+            "data.default.frames=5", "prompts.num_prompts=3", "reward.resamples=200",
+            "measure.frames=5", "measure.size=32", "measure.stats_clips=4", "measure.num_clips=2",
+            "measure.predictor_clips=16", "measure.lpips=false",
+            "vae.overrides=[run.max_steps=2,run.eval_every=0,run.save_every=0,run.progress_bar=false,"
+            "data.num_frames=5,data.video_batch_size=2,data.image_batch_size=2,eval.write_videos=false]",
+            "t2v.overrides=[run.max_steps=2,run.eval_every=1,run.save_every=0,run.progress_bar=false,"
+            "data.num_frames=5,data.height=32,data.width=32,data.video_batch_size=4,sampling.steps=2]",
+            "variants=[{name: baseline, vae_overrides: [loss.lcr.enabled=false, loss.lmr.enabled=false]},"
+            "{name: lcr_lmr}, {name: checker, control: {source: lcr_lmr, kind: checkerboard, cell: 2}}]",
+        ])
+        study = Study(cfg, "toy")
+        report = study.run()
+        yield study, report, out
+    finally:
+        os.chdir(cwd)
+
+
+def test_every_variant_and_control_is_trained_scored_and_reported(toy_study):
+    study, report, out = toy_study
+    stats = report["statistics"]
+    assert set(stats["variants"]) == {"baseline", "lcr_lmr", "checker"}
+    assert stats["seeds"] == [0, 1] and stats["prompts"] == 3 and stats["steps"] == [0, 1, 2]
+    assert "vs_baseline" in stats["variants"]["checker"]
+    text = Path(report["files"]["markdown"]).read_text()
+    for needle in ("### Verdict", "## Predictors that need no DiT training", "VIV", "Spearman",
+                   "![samples checker](samples_checker.png)", "reconstructions checker"):
+        assert needle in text
+    assert (out / "report" / "samples_lcr_lmr.png").stat().st_size > 5000
+    # The control's VAE is its source's, seen through the transform: no VAE of its own, the same reconstructions.
+    assert not (out / "variants" / "checker" / "vae").exists()
+    measures = report["measures"]
+    assert measures["checker"]["reconstruction_mean"] == measures["lcr_lmr"]["reconstruction_mean"]
+    assert measures["checker"]["default_data"]["psnr"] == pytest.approx(measures["lcr_lmr"]["default_data"]["psnr"])
+    assert measures["checker"]["control"]["kind"] == "checkerboard"
+    # Its latents (what the DiT trains on) are the source's with whole 2x2 tokens' signs flipped.
+    predictors = {v: m["predictors"] for v, m in measures.items()}
+    assert predictors["checker"]["low_freq_ratio"] < predictors["lcr_lmr"]["low_freq_ratio"]
+    assert predictors["checker"]["effective_rank"] == pytest.approx(predictors["lcr_lmr"]["effective_rank"], rel=1e-3)
+    t2v = load_config(__import__("dit.train_config", fromlist=["T2VTrainConfig"]).T2VTrainConfig,
+                      out / "variants" / "checker" / "seed0" / "t2v.yaml")
+    assert t2v.first_stage.latent_transform.endswith("latent_transform.safetensors")
+    assert t2v.latents.cache_dir == str(out / "variants" / "checker" / "latents")
+
+
+def test_rerun_skips_every_stage_and_rewrites_the_same_report(toy_study):
+    from tools.study import Study
+
+    study, report, out = toy_study
+    rerun = Study(study.cfg, "toy")
+    again = rerun.run()
+    assert rerun.runner.results and all(r.skipped for r in rerun.runner.results.values())
+    assert again["statistics"]["variants"]["lcr_lmr"]["final"] == report["statistics"]["variants"]["lcr_lmr"]["final"]
+    assert json.loads(Path(again["files"]["json"]).read_text())["statistics"]["verdict"] == \
+        report["statistics"]["verdict"]
