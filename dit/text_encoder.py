@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from infra.dtypes import torch_dtype
+
 KINDS = ("t5", "minilm")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -45,8 +46,7 @@ class TextEncoderConfig:
                                  f"contacted)")
         if not isinstance(self.max_length, int) or self.max_length <= 0:
             raise ValueError(f"text_encoder.max_length must be a positive int, got {self.max_length!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"text_encoder.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        torch_dtype(self.dtype, "text_encoder.dtype")
         if self.mask_padding is not None and not isinstance(self.mask_padding, bool):
             raise ValueError(f"text_encoder.mask_padding must be a bool or null, got {self.mask_padding!r}")
 
@@ -100,6 +100,7 @@ def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
     tokenizer_dir = Path(cfg.tokenizer_path) if cfg.tokenizer_path else model_dir
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     model_cls = T5EncoderModel if cfg.kind == "t5" else AutoModel
-    model = model_cls.from_pretrained(str(model_dir), local_files_only=True).to(DTYPES[cfg.dtype])
+    dtype = torch_dtype(cfg.dtype, "text_encoder.dtype")
+    model = model_cls.from_pretrained(str(model_dir), local_files_only=True).to(dtype)
     mask_padding = cfg.mask_padding if cfg.mask_padding is not None else cfg.kind == "minilm"
     return TextEncoder(model, tokenizer, cfg.max_length, mask_padding)

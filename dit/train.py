@@ -5,7 +5,7 @@
 
 The DiT is the only engine. The first stage (VAE) and the text encoder are frozen: built once, in eval mode, without
 gradients, outside every engine. Each micro-step takes clean latents and caption embeddings (encoded on the fly from
-the shard data, or read from a cache written by ``tools/cache_latents``), drops 10% of captions to zero embeddings
+the shard data, or read from a cache written by ``dit.latent_cache``), drops 10% of captions to zero embeddings
 for classifier-free guidance, and regresses v at a uniform timestep. Noise, timesteps and caption drops come from a
 generator seeded by (run seed, data position, data-parallel rank), so they do not depend on the process's RNG
 history: a resumed run and a run on cached latents draw exactly what an uninterrupted on-the-fly run draws.
@@ -34,57 +34,21 @@ from infra.data.dataset import build_loader
 from infra.distributed import DistInfo, ParallelGroups, barrier, parallel_groups
 from infra.ema import maybe_averaged
 from infra.trainer import EngineSpec, StepContext, TrainTask, run_training
-from vae.first_stage import FirstStage, load_first_stage
+from vae.first_stage import FirstStage
 
 from .convert import export_diffusers
 from .diffusion import VPrediction, drop_text
-from .latent_dataset import build_latent_loader, read_manifest
+from .latent_cache import build_latent_loader, read_manifest
 from .sequence_parallel import enable_ulysses, ulysses_forward
 from .tensor_parallel import DeepSpeedMPU, apply_tensor_parallel, gather_tensor_parallel_state_dict
-from .text_encoder import build_text_encoder
+from .runtime import (EXPORT_DIR, build_dit, build_first_stage, build_frozen_text_encoder, encode_text, sample_prompts,
+                      uses_text_mask)
 from .train_config import T2VTrainConfig
-from .transformer import CogVideoXTransformer, adaln_zero_init
+from .transformer import CogVideoXTransformer
 
 log = logging.getLogger(__name__)
 
 ENGINE = "dit"
-EXPORT_DIR = "dit"  # <output_dir>/dit: the final weights as a diffusers folder
-
-
-def build_first_stage(cfg: T2VTrainConfig, device: torch.device) -> FirstStage:
-    return load_first_stage(cfg.first_stage, device=device).eval().requires_grad_(False)
-
-
-def build_frozen_text_encoder(cfg: T2VTrainConfig, device: torch.device):
-    encoder = build_text_encoder(cfg.text_encoder)
-    if isinstance(encoder, torch.nn.Module):
-        encoder = encoder.to(device).eval().requires_grad_(False)
-    return encoder
-
-
-def build_dit(cfg: T2VTrainConfig, first_stage: FirstStage, text_embed_dim: int) -> CogVideoXTransformer:
-    """The DiT whose channels, patch size and text width follow from the first stage and the text encoder."""
-    config = cfg.model.build(first_stage.latent_channels, first_stage.spatial_compression, text_embed_dim,
-                             cfg.text_encoder.max_length)
-    model = CogVideoXTransformer(config)
-    if cfg.model.init == "adaln_zero":
-        adaln_zero_init(model)
-    return model
-
-
-@torch.no_grad()
-def encode_text(text_encoder, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    states, mask = text_encoder.encode(list(captions))
-    return states.to(device).float(), mask.to(device).bool()
-
-
-def uses_text_mask(cfg: T2VTrainConfig, text_encoder) -> bool:
-    """Whether the DiT attends only to real text tokens: ``diffusion.text_mask``, else as the encoder masks."""
-    if cfg.diffusion.text_mask is not None:
-        return cfg.diffusion.text_mask
-    return bool(getattr(text_encoder, "mask_padding", True))
-
-
 def step_generator(seed: int, data_position: int, rank: int, device: torch.device) -> torch.Generator:
     """The generator of one micro-batch's random draws: a function of (seed, data position, rank) only."""
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + data_position) * 1_009 + rank)
@@ -217,8 +181,6 @@ class T2VTask(TrainTask):
         """Sample the fixed prompts to mp4, each data-parallel rank a share of them. The ranks of a TP x SP group
         sample the same prompts together (their forward is collective); the group's first rank writes the mp4s,
         the others' go to a discarded folder."""
-        from tools.sample_t2v import sample_prompts
-
         module = ctx.engine(ENGINE).module
         ema = ctx.emas.get(ENGINE) if self.cfg.sampling.use_ema else None
         written = 0

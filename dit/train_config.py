@@ -77,7 +77,7 @@ class ConditioningConfig:
 
 @dataclass
 class LatentsConfig:
-    """The ``latents:`` section: encode each batch on the fly, or read latents cached by ``tools/cache_latents``."""
+    """The ``latents:`` section: encode each batch on the fly, or read latents cached by ``dit.latent_cache`` (``tools/cache_latents``)."""
 
     cache_dir: str = ""  # empty: encode on the fly with the first stage and the text encoder
 

@@ -6,7 +6,7 @@ For each variant (``configs/study/*.yaml``, schema ``tools.study_config``): trai
 the deepspeed launcher when asked) or take a given folder (SSVAE, diffusers Wan / CogVideoX), freeze it, measure its
 per-channel latent statistics (stored with the model as its encode/decode normalisation), spectra
 (``tools.spectral``) and reconstruction quality (``tools.reconstruct``), cache the DiT's latents
-(``tools.cache_latents``), then train the same DiT (``dit.train``) with each seed and the same budget. The DiT samples
+(``dit.latent_cache``), then train the same DiT (``dit.train``) with each seed and the same budget. The DiT samples
 fixed prompts every ``run.eval_every`` steps; the prompts are captions of a held-out default-data set, so the
 samples are scored against their ground truth (``tools.caption_reward``) or by UnifiedReward. The report
 (``<output_dir>/report/``: report.md, report.json, reward_vs_step.png, spectral overlays) gives reward versus step,
@@ -24,7 +24,6 @@ import dataclasses
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -34,17 +33,12 @@ import torch
 from tqdm import tqdm
 
 from infra.config import ConfigError, load_config, save_config, to_dict
+from infra.distributed import free_port
 from tools.stages import StageResult, StageRunner
 from tools.study_config import StudyConfig, VariantConfig
 
 log = logging.getLogger("tools.study")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _last_metrics(metrics_file: Path, prefix: str) -> dict:
@@ -129,7 +123,7 @@ class Study:
         launcher = self.cfg.launcher
         if launcher.kind == "deepspeed":
             cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(launcher.num_gpus),
-                   "--master_port", _free_port(), "--module", module, "--config", str(config_path)]
+                   "--master_port", str(free_port()), "--module", module, "--config", str(config_path)]
         else:
             cmd = [sys.executable, "-m", module, "--config", str(config_path)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -375,7 +369,7 @@ class Study:
         through its transform (exactly what encoding through the transformed stage gives, without the encoder)."""
         if not self.cfg.cache_latents:
             return None
-        from tools.cache_latents import cache_latents, transform_cache
+        from dit.latent_cache import cache_latents, transform_cache
 
         cfg = self._t2v_for(variant, self.cfg.seeds[0], first_stage)
         out = self.variant_dir(variant) / "latents"
@@ -414,7 +408,7 @@ class Study:
                           n: int) -> torch.Tensor:
         """Up to ``n`` of the DiT's training latents (N, C, F, h, w), as the DiT sees them."""
         if latents is not None:
-            from dit.latent_dataset import LatentCache
+            from dit.latent_cache import LatentCache
 
             cache = LatentCache(latents.outputs["cache_dir"])
             return torch.stack([cache.load(i)["latents"].float() for i in range(min(n, len(cache)))])

@@ -228,7 +228,7 @@ class StudyConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     vae: RunTemplateConfig = field(default_factory=lambda: RunTemplateConfig(config="configs/vae/tiny.yaml"))
     t2v: RunTemplateConfig = field(default_factory=lambda: RunTemplateConfig(config="configs/t2v/tiny.yaml"))
-    cache_latents: bool = True  # encode the DiT data once per variant (tools.cache_latents)
+    cache_latents: bool = True  # encode the DiT data once per variant (dit.latent_cache)
     variants: list[VariantConfig] = field(default_factory=list)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)

@@ -14,11 +14,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from infra.dtypes import torch_dtype
 from vae.inference import InferenceConfig, decode_latents, encode_video
 from vae.model import SSVAE
 
 FIRST_STAGE_KINDS = ("ssvae", "wan", "cogvideox")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -43,8 +43,7 @@ class FirstStageConfig:
             raise ValueError(f"first_stage.kind must be one of {FIRST_STAGE_KINDS}, got {self.kind!r}")
         if not self.path:
             raise ValueError("first_stage.path must name a local folder")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"first_stage.dtype must be one of {tuple(_DTYPES)}, got {self.dtype!r}")
+        torch_dtype(self.dtype, "first_stage.dtype")
         if self.chunk_latent_frames is not None and self.chunk_latent_frames < 1:
             raise ValueError(f"first_stage.chunk_latent_frames must be >= 1 or None, got {self.chunk_latent_frames}")
         if self.tile_size is not None and not 0 <= self.tile_overlap < self.tile_size:
@@ -54,7 +53,7 @@ class FirstStageConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return torch_dtype(self.dtype, "first_stage.dtype")
 
 
 class FirstStage(nn.Module):
