@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from infra.config import check, join_key
 from infra.dtypes import torch_dtype
 
 KINDS = ("t5", "minilm")
@@ -33,22 +34,19 @@ class TextEncoderConfig:
     # without it and its transformer was trained on those states; True for minilm (BERT needs it).
     mask_padding: bool | None = None
 
-    def validate(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"text_encoder.kind must be one of {KINDS}, got {self.kind!r}")
-        if self.kind == "t5" and not self.path:
-            raise ValueError("text_encoder.path is required for kind 't5' (a local folder; no T5 weights are "
-                             "downloadable here)")
+    def validate(self, prefix: str = "text_encoder") -> None:
+        check(self.kind in KINDS, join_key(prefix, "kind"), f"must be one of {KINDS}, got {self.kind!r}")
+        check(self.kind != "t5" or bool(self.path), join_key(prefix, "path"),
+              "is required for kind 't5' (a local folder; no T5 weights are downloadable here)")
         for key in ("path", "tokenizer_path"):
             value = getattr(self, key)
-            if value and not Path(value).is_dir():
-                raise ValueError(f"text_encoder.{key} must be a local folder, got {value!r} (model hubs are never "
-                                 f"contacted)")
-        if not isinstance(self.max_length, int) or self.max_length <= 0:
-            raise ValueError(f"text_encoder.max_length must be a positive int, got {self.max_length!r}")
-        torch_dtype(self.dtype, "text_encoder.dtype")
-        if self.mask_padding is not None and not isinstance(self.mask_padding, bool):
-            raise ValueError(f"text_encoder.mask_padding must be a bool or null, got {self.mask_padding!r}")
+            check(not value or Path(value).is_dir(), join_key(prefix, key),
+                  f"must be a local folder, got {value!r} (model hubs are never contacted)")
+        check(isinstance(self.max_length, int) and self.max_length > 0, join_key(prefix, "max_length"),
+              f"must be a positive int, got {self.max_length!r}")
+        torch_dtype(self.dtype, join_key(prefix, "dtype"))
+        check(self.mask_padding is None or isinstance(self.mask_padding, bool), join_key(prefix, "mask_padding"),
+              f"must be a bool or null, got {self.mask_padding!r}")
 
     def model_dir(self) -> Path:
         if self.path:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from infra.config import ConfigError
 from infra.data.dataset import build_loader
 from infra.distributed import DistInfo, ParallelGroups, barrier, parallel_groups
 from infra.ema import maybe_averaged
@@ -82,21 +83,47 @@ def parallelize(cfg: T2VTrainConfig, model: CogVideoXTransformer, groups: Parall
 
 
 def check_cache_matches(cfg: T2VTrainConfig) -> None:
-    """Refuse a latent cache made by another first stage: the samples would be decoded by the wrong VAE."""
-    made_with = read_manifest(cfg.latents.cache_dir)["first_stage"]
-    ours = cfg.first_stage
-    if made_with["kind"] != ours.kind or Path(made_with["path"]).resolve() != Path(ours.path).resolve():
-        raise ValueError(f"latents.cache_dir: {cfg.latents.cache_dir} was made with first stage {made_with['kind']} "
-                         f"at {made_with['path']}, the run uses {ours.kind} at {ours.path}")
+    """Refuse a latent cache made by another first stage (the samples would be decoded by the wrong VAE) or for
+    other clips than ``data`` describes (the samples would come out another size than the training clips)."""
+    manifest = read_manifest(cfg.latents.cache_dir)
+    made_with, ours = manifest["first_stage"], cfg.first_stage
+    if (made_with["kind"] != ours.kind or Path(made_with["path"]).resolve() != Path(ours.path).resolve()
+            or made_with.get("latent_transform", "") != ours.latent_transform):
+        raise ConfigError(f"latents.cache_dir: {cfg.latents.cache_dir} was made with first stage {made_with['kind']} "
+                          f"at {made_with['path']} (transform {made_with.get('latent_transform') or 'none'}), the run "
+                          f"uses {ours.kind} at {ours.path} (transform {ours.latent_transform or 'none'})")
+    clip, d = manifest["clip"], cfg.data
+    for key, ours_value in (("frames", d.num_frames), ("height", d.height), ("width", d.width), ("fps", d.fps)):
+        if clip[key] != ours_value:
+            name = "num_frames" if key == "frames" else key
+            raise ConfigError(f"data.{name}: {ours_value}, but the latent cache {cfg.latents.cache_dir} holds clips of "
+                              f"{clip['frames']} frames of {clip['height']}x{clip['width']} at {clip['fps']} fps")
+
+
+def check_clip_geometry(cfg: T2VTrainConfig, first_stage: FirstStage) -> None:
+    """Training clips and samples the first stage can encode and decode: stop at start-up with the key named."""
+    sc, tc = first_stage.spatial_compression, first_stage.temporal_compression
+    frames, height, width = cfg.sample_shape()
+    for key, value, step in (("data.height", cfg.data.height, sc), ("data.width", cfg.data.width, sc),
+                             ("sampling.height", height, sc), ("sampling.width", width, sc)):
+        if value % step:
+            raise ConfigError(f"{key}: must be a multiple of the first stage's spatial compression ({step}), got {value}")
+    for key, value in (("data.num_frames", cfg.data.num_frames), ("sampling.num_frames", frames)):
+        if (value - 1) % tc:
+            raise ConfigError(f"{key}: must be 1 + {tc}k for the first stage's temporal compression, got {value}")
 
 
 class T2VTask(TrainTask):
     def __init__(self, cfg: T2VTrainConfig, dist_info: DistInfo):
         self.cfg, self.dist = cfg, dist_info
         device = dist_info.device
+        if not Path(cfg.first_stage.path).is_dir():
+            raise ConfigError(f"first_stage.path: {cfg.first_stage.path} is not a folder (train the VAE first, or "
+                              f"name a trained one)")
         if cfg.latents.cached:
             check_cache_matches(cfg)
         self.first_stage = build_first_stage(cfg, device)
+        check_clip_geometry(cfg, self.first_stage)
         text_encoder = build_frozen_text_encoder(cfg, device)
         self.model = build_dit(cfg, self.first_stage, text_encoder.hidden_size)
         n_params = sum(p.numel() for p in self.model.parameters())

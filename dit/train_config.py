@@ -8,6 +8,7 @@ the text encoder.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,10 +45,9 @@ class ModelConfig:
         check(self.patch_size >= 0, f"{prefix}.patch_size", "must be >= 0 (0: from the first stage)")
         derived = sorted(set(self.overrides) & set(DERIVED_KEYS))
         check(not derived, f"{prefix}.overrides", f"{derived} follow from first_stage / text_encoder; do not set them")
-        try:
-            DiTConfig.preset(self.preset, **dict(self.overrides))
-        except ValueError as err:
-            raise ValueError(f"{prefix}.overrides: {err}") from None
+        unknown = sorted(set(self.overrides) - {f.name for f in dataclasses.fields(DiTConfig)})
+        check(not unknown, f"{prefix}.overrides", f"{unknown}: not DiTConfig fields")
+        dataclasses.replace(PRESETS[self.preset], **dict(self.overrides)).validate(f"{prefix}.overrides")
 
     def build(self, latent_channels: int, spatial_compression: int, text_embed_dim: int,
               max_text_length: int) -> DiTConfig:
@@ -171,7 +171,7 @@ class T2VTrainConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
-    def validate(self) -> None:
+    def validate(self, prefix: str = "") -> None:
         p = self.parallel
         if p.model_parallel_size > 1:
             dit = DiTConfig.preset(self.model.preset, **dict(self.model.overrides))

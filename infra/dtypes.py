@@ -9,5 +9,5 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
 def torch_dtype(name: str, key: str = "dtype", allowed: tuple[str, ...] = tuple(DTYPES)) -> torch.dtype:
     """The dtype called ``name``; ValueError naming ``key`` and the choices when it is not one of ``allowed``."""
     if name not in allowed:
-        raise ValueError(f"{key} must be one of {list(allowed)}, got {name!r}")
+        raise ValueError(f"{key}: must be one of {list(allowed)}, got {name!r}")
     return DTYPES[name]
