@@ -22,7 +22,6 @@ follow the data-parallel rank.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import tempfile
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch.distributed as dist
 
 from infra.config import ConfigError
 from infra.data.dataset import build_loader
-from infra.distributed import DistInfo, ParallelGroups, barrier, parallel_groups
+from infra.distributed import DistInfo, barrier
 from infra.ema import maybe_averaged
 from infra.trainer import EngineSpec, StepContext, TrainTask, run_training
 from vae.first_stage import FirstStage
@@ -40,10 +39,10 @@ from vae.first_stage import FirstStage
 from .convert import export_diffusers
 from .diffusion import VPrediction, drop_text
 from .latent_cache import build_latent_loader, read_manifest
-from .sequence_parallel import enable_ulysses, ulysses_forward
-from .tensor_parallel import DeepSpeedMPU, apply_tensor_parallel, gather_tensor_parallel_state_dict
+from .parallelize import parallelize_dit
 from .runtime import (EXPORT_DIR, build_dit, build_first_stage, build_frozen_text_encoder, encode_text, sample_prompts,
                       uses_text_mask)
+from .tensor_parallel import gather_tensor_parallel_state_dict
 from .train_config import T2VTrainConfig
 from .transformer import CogVideoXTransformer
 
@@ -53,33 +52,6 @@ ENGINE = "dit"
 def step_generator(seed: int, data_position: int, rank: int, device: torch.device) -> torch.Generator:
     """The generator of one micro-batch's random draws: a function of (seed, data position, rank) only."""
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + data_position) * 1_009 + rank)
-
-
-def video_tokens(cfg: T2VTrainConfig, first_stage: FirstStage, frames: int, height: int, width: int) -> int:
-    """The DiT's video token count for a (frames, height, width) clip."""
-    dit = cfg.model.build(first_stage.latent_channels, first_stage.spatial_compression, 1, 1)
-    _, f, h, w = first_stage.latent_shape(frames, height, width)
-    pt = dit.temporal_patch
-    return -(-f // pt) * (h // dit.patch_size) * (w // dit.patch_size)
-
-
-def sequence_parallel(model: CogVideoXTransformer, group) -> CogVideoXTransformer:
-    """Ulysses over ``group`` behind the model's ordinary call: ``model(latents, text, t, text_mask=...)`` then runs
-    ``ulysses_forward`` (every rank of the group passes the same inputs and gets the full output)."""
-    enable_ulysses(model, group)
-    model.forward = functools.partial(ulysses_forward, model, group=group)
-    return model
-
-
-def parallelize(cfg: T2VTrainConfig, model: CogVideoXTransformer, groups: ParallelGroups):
-    """Apply tensor and sequence parallelism to the built model (in place); returns (model, DeepSpeed mpu or None)."""
-    mpu = None
-    if groups.tensor_parallel_size > 1:
-        apply_tensor_parallel(model, groups.tp_group, backend=cfg.parallel.tensor_parallel_backend)
-        mpu = DeepSpeedMPU(groups.tp_group, groups.dp_group)
-    if groups.sequence_parallel_size > 1:
-        sequence_parallel(model, groups.sp_group)
-    return model, mpu
 
 
 def check_cache_matches(cfg: T2VTrainConfig) -> None:
@@ -127,7 +99,9 @@ class T2VTask(TrainTask):
         text_encoder = build_frozen_text_encoder(cfg, device)
         self.model = build_dit(cfg, self.first_stage, text_encoder.hidden_size)
         n_params = sum(p.numel() for p in self.model.parameters())
-        self.parallel = self._parallelize(cfg, dist_info)
+        parallel = parallelize_dit(self.model, cfg, dist_info.world_size, self.first_stage, device)
+        self.model, self.mpu, self.parallel, self.dense_config = (parallel.model, parallel.mpu, parallel.groups,
+                                                                  parallel.dense_config)
         self.data_parallel_rank = self.parallel.data_rank  # the trainer seeds the process RNG by it
         self.diffusion = VPrediction(cfg.diffusion.schedule)
         # The sampling prompts are encoded once; on cached latents the text encoder is then not needed any more.
@@ -137,24 +111,6 @@ class T2VTask(TrainTask):
         self.text_mask = uses_text_mask(cfg, text_encoder)
         if dist_info.is_main:
             log.info("DiT %.1fM parameters: %s; parallel %s", n_params / 1e6, self.model.config, cfg.parallel)
-
-    def _parallelize(self, cfg: T2VTrainConfig, dist_info: DistInfo) -> ParallelGroups:
-        p = cfg.parallel
-        p.check_world(dist_info.world_size)
-        if p.sequence_parallel_size > 1:
-            p.check_tokens(video_tokens(cfg, self.first_stage, cfg.data.num_frames, cfg.data.height, cfg.data.width),
-                           "a training clip (data.num_frames/height/width)")
-            if cfg.data.image_prob > 0:
-                p.check_tokens(video_tokens(cfg, self.first_stage, 1, cfg.data.height, cfg.data.width),
-                               "a training image (data.height/width)")
-            if cfg.sampling.enabled:
-                p.check_tokens(video_tokens(cfg, self.first_stage, *cfg.sample_shape()), "a sample (sampling.*)")
-        groups = parallel_groups(p.tensor_parallel_size, p.sequence_parallel_size)
-        if p.tensor_parallel_size > 1:  # the shards are cut on the rank's device (NCCL needs them there)
-            self.model.to(dist_info.device)
-        self.dense_config = self.model.config  # for a dense export of a TP model
-        self.model, self.mpu = parallelize(cfg, self.model, groups)
-        return groups
 
     # ----------------------------------------------------------------------------------------------- engines
     def engine_specs(self) -> list[EngineSpec]:

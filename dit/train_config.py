@@ -135,17 +135,6 @@ class ParallelConfig:
         check(self.tensor_parallel_backend in ("torch", "megatron"), f"{prefix}.tensor_parallel_backend",
               f"must be torch or megatron, got {self.tensor_parallel_backend!r}")
 
-    def check_world(self, world_size: int, prefix: str = "parallel") -> None:
-        """Sizes against the job's world (known only at start-up)."""
-        check(world_size % self.model_parallel_size == 0, prefix,
-              f"tensor_parallel_size {self.tensor_parallel_size} x sequence_parallel_size "
-              f"{self.sequence_parallel_size} must divide the world size {world_size}")
-
-    def check_tokens(self, video_tokens: int, what: str, prefix: str = "parallel") -> None:
-        """Ulysses splits the video tokens evenly over the SP ranks."""
-        check(video_tokens % self.sequence_parallel_size == 0, f"{prefix}.sequence_parallel_size",
-              f"{what} has {video_tokens} video tokens, not divisible by {self.sequence_parallel_size}")
-
 
 def _cogvideox_optimizer() -> OptimizerConfig:
     # CogVideoX's SAT recipe: AdamW, betas (0.9, 0.95), weight decay 1e-4, short warm-up.
@@ -172,17 +161,9 @@ class T2VTrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self, prefix: str = "") -> None:
-        p = self.parallel
-        if p.model_parallel_size > 1:
-            dit = DiTConfig.preset(self.model.preset, **dict(self.model.overrides))
-            # Ulysses splits the heads TP leaves on a rank again over SP; TP splits heads and the MLP width.
-            check(dit.num_attention_heads % p.model_parallel_size == 0, "parallel",
-                  f"model heads ({dit.num_attention_heads}) must divide by tensor_parallel_size x "
-                  f"sequence_parallel_size = {p.model_parallel_size}")
-            check(self.text_encoder.max_length % p.sequence_parallel_size == 0, "parallel.sequence_parallel_size",
-                  f"text_encoder.max_length ({self.text_encoder.max_length}) must divide by it")
-            check(p.tensor_parallel_size == 1 or dit.dropout == 0.0, "parallel.tensor_parallel_size",
-                  f"tensor parallelism needs model dropout 0, got {dit.dropout}")
+        from .parallelize import check_layout
+
+        check_layout(self)  # what needs no world size or first stage; the rest at start-up
         if self.latents.cached:
             check(self.data.image_prob == 0.0, "data.image_prob",
                   "must be 0 with latents.cache_dir (the cache holds video clips only)")
