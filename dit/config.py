@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from infra.config import check, join_key
+
 POSITIONAL_EMBEDDINGS = ("sincos", "rope", "learned")
 ATTENTION_BACKENDS = ("sdpa", "flash")
 
@@ -75,47 +77,39 @@ class DiTConfig:
     def temporal_patch(self) -> int:
         return 1 if self.patch_size_t is None else self.patch_size_t
 
-    def validate(self) -> "DiTConfig":
+    def validate(self, prefix: str = "DiTConfig") -> "DiTConfig":
+        """Returns itself, to chain; ``prefix``: where the fields sit in a run config (``model.overrides``)."""
+        def key(name: str) -> str:
+            return join_key(prefix, name)
+
         positive = [
             "num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "text_embed_dim",
             "max_text_seq_length", "time_embed_dim", "patch_size", "sample_height", "sample_width", "sample_frames",
         ]
-        for key in positive:
-            if getattr(self, key) <= 0:
-                raise ValueError(f"DiTConfig.{key} must be positive, got {getattr(self, key)}")
-        if self.out_channels is not None and self.out_channels <= 0:
-            raise ValueError(f"DiTConfig.out_channels must be positive or None, got {self.out_channels}")
-        if self.patch_size_t is not None and self.patch_size_t <= 0:
-            raise ValueError(f"DiTConfig.patch_size_t must be positive or None, got {self.patch_size_t}")
-        if self.positional_embedding not in POSITIONAL_EMBEDDINGS:
-            raise ValueError(
-                f"DiTConfig.positional_embedding must be one of {POSITIONAL_EMBEDDINGS}, got {self.positional_embedding!r}"
-            )
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(
-                f"DiTConfig.attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
-            )
+        for name in positive:
+            check(getattr(self, name) > 0, key(name), f"must be positive, got {getattr(self, name)}")
+        check(self.out_channels is None or self.out_channels > 0, key("out_channels"),
+              f"must be positive or None, got {self.out_channels}")
+        check(self.patch_size_t is None or self.patch_size_t > 0, key("patch_size_t"),
+              f"must be positive or None, got {self.patch_size_t}")
+        check(self.positional_embedding in POSITIONAL_EMBEDDINGS, key("positional_embedding"),
+              f"must be one of {POSITIONAL_EMBEDDINGS}, got {self.positional_embedding!r}")
+        check(self.attention_backend in ATTENTION_BACKENDS, key("attention_backend"),
+              f"must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.positional_embedding == "sincos":
             # The sin-cos table splits the width 1/4 time, 3/8 height, 3/8 width, each in sin/cos halves.
-            if self.inner_dim % 16 != 0:
-                raise ValueError(
-                    f"DiTConfig.attention_head_dim * num_attention_heads = {self.inner_dim} must be divisible by 16 "
-                    "for positional_embedding='sincos'"
-                )
-            if self.patch_size_t is not None:
-                raise ValueError("DiTConfig.patch_size_t must be None with positional_embedding='sincos' (as in diffusers)")
+            check(self.inner_dim % 16 == 0, key("attention_head_dim"),
+                  f"x num_attention_heads = {self.inner_dim} must be divisible by 16 for positional_embedding='sincos'")
+            check(self.patch_size_t is None, key("patch_size_t"),
+                  "must be None with positional_embedding='sincos' (as in diffusers)")
         else:
             # Rotary splits each head 1/4 time, 3/8 height, 3/8 width, in rotated pairs.
-            if self.attention_head_dim % 16 != 0:
-                raise ValueError(
-                    f"DiTConfig.attention_head_dim must be divisible by 16 for rotary embeddings, got {self.attention_head_dim}"
-                )
-        if self.positional_embedding == "learned" and self.patch_size_t is not None:
-            raise ValueError("DiTConfig.patch_size_t must be None with positional_embedding='learned'")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"DiTConfig.dropout must be in [0, 1), got {self.dropout}")
-        if self.norm_eps <= 0:
-            raise ValueError(f"DiTConfig.norm_eps must be positive, got {self.norm_eps}")
+            check(self.attention_head_dim % 16 == 0, key("attention_head_dim"),
+                  f"must be divisible by 16 for rotary embeddings, got {self.attention_head_dim}")
+        check(self.positional_embedding != "learned" or self.patch_size_t is None, key("patch_size_t"),
+              "must be None with positional_embedding='learned'")
+        check(0.0 <= self.dropout < 1.0, key("dropout"), f"must be in [0, 1), got {self.dropout}")
+        check(self.norm_eps > 0, key("norm_eps"), f"must be positive, got {self.norm_eps}")
         return self
 
     def replace(self, **overrides) -> "DiTConfig":

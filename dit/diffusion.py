@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from infra.config import check, join_key
+
 # model(latents, text_states, timestep, text_mask=None) -> v, e.g. CogVideoXTransformer.
 DenoiserFn = Callable[..., torch.Tensor]
 
@@ -31,16 +33,14 @@ class DiffusionConfig:
     snr_shift_scale: float = 3.0
     rescale_zero_terminal_snr: bool = True
 
-    def validate(self) -> "DiffusionConfig":
-        if self.num_train_timesteps < 2:
-            raise ValueError(f"DiffusionConfig.num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
-        if not 0 < self.beta_start < self.beta_end < 1:
-            raise ValueError(
-                f"DiffusionConfig.beta_start / beta_end must satisfy 0 < beta_start < beta_end < 1, "
-                f"got {self.beta_start} / {self.beta_end}"
-            )
-        if self.snr_shift_scale <= 0:
-            raise ValueError(f"DiffusionConfig.snr_shift_scale must be positive, got {self.snr_shift_scale}")
+    def validate(self, prefix: str = "DiffusionConfig") -> "DiffusionConfig":
+        """Returns itself, to chain; ``prefix``: the section's key in a run config (``diffusion.schedule``)."""
+        check(self.num_train_timesteps >= 2, join_key(prefix, "num_train_timesteps"),
+              f"must be >= 2, got {self.num_train_timesteps}")
+        check(0 < self.beta_start < self.beta_end < 1, join_key(prefix, "beta_start/beta_end"),
+              f"must satisfy 0 < beta_start < beta_end < 1, got {self.beta_start} / {self.beta_end}")
+        check(self.snr_shift_scale > 0, join_key(prefix, "snr_shift_scale"),
+              f"must be positive, got {self.snr_shift_scale}")
         return self
 
     @classmethod

@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from infra.config import check, join_key
+from infra.dtypes import torch_dtype
+
 KINDS = ("t5", "minilm")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -32,23 +34,19 @@ class TextEncoderConfig:
     # without it and its transformer was trained on those states; True for minilm (BERT needs it).
     mask_padding: bool | None = None
 
-    def validate(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"text_encoder.kind must be one of {KINDS}, got {self.kind!r}")
-        if self.kind == "t5" and not self.path:
-            raise ValueError("text_encoder.path is required for kind 't5' (a local folder; no T5 weights are "
-                             "downloadable here)")
+    def validate(self, prefix: str = "text_encoder") -> None:
+        check(self.kind in KINDS, join_key(prefix, "kind"), f"must be one of {KINDS}, got {self.kind!r}")
+        check(self.kind != "t5" or bool(self.path), join_key(prefix, "path"),
+              "is required for kind 't5' (a local folder; no T5 weights are downloadable here)")
         for key in ("path", "tokenizer_path"):
             value = getattr(self, key)
-            if value and not Path(value).is_dir():
-                raise ValueError(f"text_encoder.{key} must be a local folder, got {value!r} (model hubs are never "
-                                 f"contacted)")
-        if not isinstance(self.max_length, int) or self.max_length <= 0:
-            raise ValueError(f"text_encoder.max_length must be a positive int, got {self.max_length!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"text_encoder.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.mask_padding is not None and not isinstance(self.mask_padding, bool):
-            raise ValueError(f"text_encoder.mask_padding must be a bool or null, got {self.mask_padding!r}")
+            check(not value or Path(value).is_dir(), join_key(prefix, key),
+                  f"must be a local folder, got {value!r} (model hubs are never contacted)")
+        check(isinstance(self.max_length, int) and self.max_length > 0, join_key(prefix, "max_length"),
+              f"must be a positive int, got {self.max_length!r}")
+        torch_dtype(self.dtype, join_key(prefix, "dtype"))
+        check(self.mask_padding is None or isinstance(self.mask_padding, bool), join_key(prefix, "mask_padding"),
+              f"must be a bool or null, got {self.mask_padding!r}")
 
     def model_dir(self) -> Path:
         if self.path:
@@ -100,6 +98,7 @@ def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
     tokenizer_dir = Path(cfg.tokenizer_path) if cfg.tokenizer_path else model_dir
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     model_cls = T5EncoderModel if cfg.kind == "t5" else AutoModel
-    model = model_cls.from_pretrained(str(model_dir), local_files_only=True).to(DTYPES[cfg.dtype])
+    dtype = torch_dtype(cfg.dtype, "text_encoder.dtype")
+    model = model_cls.from_pretrained(str(model_dir), local_files_only=True).to(dtype)
     mask_padding = cfg.mask_padding if cfg.mask_padding is not None else cfg.kind == "minilm"
     return TextEncoder(model, tokenizer, cfg.max_length, mask_padding)

@@ -5,7 +5,7 @@
 
 The DiT is the only engine. The first stage (VAE) and the text encoder are frozen: built once, in eval mode, without
 gradients, outside every engine. Each micro-step takes clean latents and caption embeddings (encoded on the fly from
-the shard data, or read from a cache written by ``tools/cache_latents``), drops 10% of captions to zero embeddings
+the shard data, or read from a cache written by ``dit.latent_cache``), drops 10% of captions to zero embeddings
 for classifier-free guidance, and regresses v at a uniform timestep. Noise, timesteps and caption drops come from a
 generator seeded by (run seed, data position, data-parallel rank), so they do not depend on the process's RNG
 history: a resumed run and a run on cached latents draw exactly what an uninterrupted on-the-fly run draws.
@@ -22,7 +22,6 @@ follow the data-parallel rank.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import tempfile
 from pathlib import Path
@@ -30,113 +29,79 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from infra.config import ConfigError
 from infra.data.dataset import build_loader
-from infra.distributed import DistInfo, ParallelGroups, barrier, parallel_groups
+from infra.distributed import DistInfo, barrier
 from infra.ema import maybe_averaged
 from infra.trainer import EngineSpec, StepContext, TrainTask, run_training
-from vae.first_stage import FirstStage, load_first_stage
+from vae.first_stage import FirstStage
 
 from .convert import export_diffusers
 from .diffusion import VPrediction, drop_text
-from .latent_dataset import build_latent_loader, read_manifest
-from .sequence_parallel import enable_ulysses, ulysses_forward
-from .tensor_parallel import DeepSpeedMPU, apply_tensor_parallel, gather_tensor_parallel_state_dict
-from .text_encoder import build_text_encoder
+from .latent_cache import build_latent_loader, read_manifest
+from .parallelize import parallelize_dit
+from .runtime import (EXPORT_DIR, build_dit, build_first_stage, build_frozen_text_encoder, encode_text, sample_prompts,
+                      uses_text_mask)
+from .tensor_parallel import gather_tensor_parallel_state_dict
 from .train_config import T2VTrainConfig
-from .transformer import CogVideoXTransformer, adaln_zero_init
+from .transformer import CogVideoXTransformer
 
 log = logging.getLogger(__name__)
 
 ENGINE = "dit"
-EXPORT_DIR = "dit"  # <output_dir>/dit: the final weights as a diffusers folder
-
-
-def build_first_stage(cfg: T2VTrainConfig, device: torch.device) -> FirstStage:
-    return load_first_stage(cfg.first_stage, device=device).eval().requires_grad_(False)
-
-
-def build_frozen_text_encoder(cfg: T2VTrainConfig, device: torch.device):
-    encoder = build_text_encoder(cfg.text_encoder)
-    if isinstance(encoder, torch.nn.Module):
-        encoder = encoder.to(device).eval().requires_grad_(False)
-    return encoder
-
-
-def build_dit(cfg: T2VTrainConfig, first_stage: FirstStage, text_embed_dim: int) -> CogVideoXTransformer:
-    """The DiT whose channels, patch size and text width follow from the first stage and the text encoder."""
-    config = cfg.model.build(first_stage.latent_channels, first_stage.spatial_compression, text_embed_dim,
-                             cfg.text_encoder.max_length)
-    model = CogVideoXTransformer(config)
-    if cfg.model.init == "adaln_zero":
-        adaln_zero_init(model)
-    return model
-
-
-@torch.no_grad()
-def encode_text(text_encoder, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    states, mask = text_encoder.encode(list(captions))
-    return states.to(device).float(), mask.to(device).bool()
-
-
-def uses_text_mask(cfg: T2VTrainConfig, text_encoder) -> bool:
-    """Whether the DiT attends only to real text tokens: ``diffusion.text_mask``, else as the encoder masks."""
-    if cfg.diffusion.text_mask is not None:
-        return cfg.diffusion.text_mask
-    return bool(getattr(text_encoder, "mask_padding", True))
-
-
 def step_generator(seed: int, data_position: int, rank: int, device: torch.device) -> torch.Generator:
     """The generator of one micro-batch's random draws: a function of (seed, data position, rank) only."""
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + data_position) * 1_009 + rank)
 
 
-def video_tokens(cfg: T2VTrainConfig, first_stage: FirstStage, frames: int, height: int, width: int) -> int:
-    """The DiT's video token count for a (frames, height, width) clip."""
-    dit = cfg.model.build(first_stage.latent_channels, first_stage.spatial_compression, 1, 1)
-    _, f, h, w = first_stage.latent_shape(frames, height, width)
-    pt = dit.temporal_patch
-    return -(-f // pt) * (h // dit.patch_size) * (w // dit.patch_size)
-
-
-def sequence_parallel(model: CogVideoXTransformer, group) -> CogVideoXTransformer:
-    """Ulysses over ``group`` behind the model's ordinary call: ``model(latents, text, t, text_mask=...)`` then runs
-    ``ulysses_forward`` (every rank of the group passes the same inputs and gets the full output)."""
-    enable_ulysses(model, group)
-    model.forward = functools.partial(ulysses_forward, model, group=group)
-    return model
-
-
-def parallelize(cfg: T2VTrainConfig, model: CogVideoXTransformer, groups: ParallelGroups):
-    """Apply tensor and sequence parallelism to the built model (in place); returns (model, DeepSpeed mpu or None)."""
-    mpu = None
-    if groups.tensor_parallel_size > 1:
-        apply_tensor_parallel(model, groups.tp_group, backend=cfg.parallel.tensor_parallel_backend)
-        mpu = DeepSpeedMPU(groups.tp_group, groups.dp_group)
-    if groups.sequence_parallel_size > 1:
-        sequence_parallel(model, groups.sp_group)
-    return model, mpu
-
-
 def check_cache_matches(cfg: T2VTrainConfig) -> None:
-    """Refuse a latent cache made by another first stage: the samples would be decoded by the wrong VAE."""
-    made_with = read_manifest(cfg.latents.cache_dir)["first_stage"]
-    ours = cfg.first_stage
-    if made_with["kind"] != ours.kind or Path(made_with["path"]).resolve() != Path(ours.path).resolve():
-        raise ValueError(f"latents.cache_dir: {cfg.latents.cache_dir} was made with first stage {made_with['kind']} "
-                         f"at {made_with['path']}, the run uses {ours.kind} at {ours.path}")
+    """Refuse a latent cache made by another first stage (the samples would be decoded by the wrong VAE) or for
+    other clips than ``data`` describes (the samples would come out another size than the training clips)."""
+    manifest = read_manifest(cfg.latents.cache_dir)
+    made_with, ours = manifest["first_stage"], cfg.first_stage
+    if (made_with["kind"] != ours.kind or Path(made_with["path"]).resolve() != Path(ours.path).resolve()
+            or made_with.get("latent_transform", "") != ours.latent_transform):
+        raise ConfigError(f"latents.cache_dir: {cfg.latents.cache_dir} was made with first stage {made_with['kind']} "
+                          f"at {made_with['path']} (transform {made_with.get('latent_transform') or 'none'}), the run "
+                          f"uses {ours.kind} at {ours.path} (transform {ours.latent_transform or 'none'})")
+    clip, d = manifest["clip"], cfg.data
+    for key, ours_value in (("frames", d.num_frames), ("height", d.height), ("width", d.width), ("fps", d.fps)):
+        if clip[key] != ours_value:
+            name = "num_frames" if key == "frames" else key
+            raise ConfigError(f"data.{name}: {ours_value}, but the latent cache {cfg.latents.cache_dir} holds clips of "
+                              f"{clip['frames']} frames of {clip['height']}x{clip['width']} at {clip['fps']} fps")
+
+
+def check_clip_geometry(cfg: T2VTrainConfig, first_stage: FirstStage) -> None:
+    """Training clips and samples the first stage can encode and decode: stop at start-up with the key named."""
+    sc, tc = first_stage.spatial_compression, first_stage.temporal_compression
+    frames, height, width = cfg.sample_shape()
+    for key, value, step in (("data.height", cfg.data.height, sc), ("data.width", cfg.data.width, sc),
+                             ("sampling.height", height, sc), ("sampling.width", width, sc)):
+        if value % step:
+            raise ConfigError(f"{key}: must be a multiple of the first stage's spatial compression ({step}), got {value}")
+    for key, value in (("data.num_frames", cfg.data.num_frames), ("sampling.num_frames", frames)):
+        if (value - 1) % tc:
+            raise ConfigError(f"{key}: must be 1 + {tc}k for the first stage's temporal compression, got {value}")
 
 
 class T2VTask(TrainTask):
     def __init__(self, cfg: T2VTrainConfig, dist_info: DistInfo):
         self.cfg, self.dist = cfg, dist_info
         device = dist_info.device
+        if not Path(cfg.first_stage.path).is_dir():
+            raise ConfigError(f"first_stage.path: {cfg.first_stage.path} is not a folder (train the VAE first, or "
+                              f"name a trained one)")
         if cfg.latents.cached:
             check_cache_matches(cfg)
         self.first_stage = build_first_stage(cfg, device)
+        check_clip_geometry(cfg, self.first_stage)
         text_encoder = build_frozen_text_encoder(cfg, device)
         self.model = build_dit(cfg, self.first_stage, text_encoder.hidden_size)
         n_params = sum(p.numel() for p in self.model.parameters())
-        self.parallel = self._parallelize(cfg, dist_info)
+        parallel = parallelize_dit(self.model, cfg, dist_info.world_size, self.first_stage, device)
+        self.model, self.mpu, self.parallel, self.dense_config = (parallel.model, parallel.mpu, parallel.groups,
+                                                                  parallel.dense_config)
         self.data_parallel_rank = self.parallel.data_rank  # the trainer seeds the process RNG by it
         self.diffusion = VPrediction(cfg.diffusion.schedule)
         # The sampling prompts are encoded once; on cached latents the text encoder is then not needed any more.
@@ -146,24 +111,6 @@ class T2VTask(TrainTask):
         self.text_mask = uses_text_mask(cfg, text_encoder)
         if dist_info.is_main:
             log.info("DiT %.1fM parameters: %s; parallel %s", n_params / 1e6, self.model.config, cfg.parallel)
-
-    def _parallelize(self, cfg: T2VTrainConfig, dist_info: DistInfo) -> ParallelGroups:
-        p = cfg.parallel
-        p.check_world(dist_info.world_size)
-        if p.sequence_parallel_size > 1:
-            p.check_tokens(video_tokens(cfg, self.first_stage, cfg.data.num_frames, cfg.data.height, cfg.data.width),
-                           "a training clip (data.num_frames/height/width)")
-            if cfg.data.image_prob > 0:
-                p.check_tokens(video_tokens(cfg, self.first_stage, 1, cfg.data.height, cfg.data.width),
-                               "a training image (data.height/width)")
-            if cfg.sampling.enabled:
-                p.check_tokens(video_tokens(cfg, self.first_stage, *cfg.sample_shape()), "a sample (sampling.*)")
-        groups = parallel_groups(p.tensor_parallel_size, p.sequence_parallel_size)
-        if p.tensor_parallel_size > 1:  # the shards are cut on the rank's device (NCCL needs them there)
-            self.model.to(dist_info.device)
-        self.dense_config = self.model.config  # for a dense export of a TP model
-        self.model, self.mpu = parallelize(cfg, self.model, groups)
-        return groups
 
     # ----------------------------------------------------------------------------------------------- engines
     def engine_specs(self) -> list[EngineSpec]:
@@ -217,8 +164,6 @@ class T2VTask(TrainTask):
         """Sample the fixed prompts to mp4, each data-parallel rank a share of them. The ranks of a TP x SP group
         sample the same prompts together (their forward is collective); the group's first rank writes the mp4s,
         the others' go to a discarded folder."""
-        from tools.sample_t2v import sample_prompts
-
         module = ctx.engine(ENGINE).module
         ema = ctx.emas.get(ENGINE) if self.cfg.sampling.use_ema else None
         written = 0

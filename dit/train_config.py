@@ -8,6 +8,7 @@ the text encoder.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,10 +45,9 @@ class ModelConfig:
         check(self.patch_size >= 0, f"{prefix}.patch_size", "must be >= 0 (0: from the first stage)")
         derived = sorted(set(self.overrides) & set(DERIVED_KEYS))
         check(not derived, f"{prefix}.overrides", f"{derived} follow from first_stage / text_encoder; do not set them")
-        try:
-            DiTConfig.preset(self.preset, **dict(self.overrides))
-        except ValueError as err:
-            raise ValueError(f"{prefix}.overrides: {err}") from None
+        unknown = sorted(set(self.overrides) - {f.name for f in dataclasses.fields(DiTConfig)})
+        check(not unknown, f"{prefix}.overrides", f"{unknown}: not DiTConfig fields")
+        dataclasses.replace(PRESETS[self.preset], **dict(self.overrides)).validate(f"{prefix}.overrides")
 
     def build(self, latent_channels: int, spatial_compression: int, text_embed_dim: int,
               max_text_length: int) -> DiTConfig:
@@ -77,7 +77,7 @@ class ConditioningConfig:
 
 @dataclass
 class LatentsConfig:
-    """The ``latents:`` section: encode each batch on the fly, or read latents cached by ``tools/cache_latents``."""
+    """The ``latents:`` section: encode each batch on the fly, or read latents cached by ``dit.latent_cache`` (``tools/cache_latents``)."""
 
     cache_dir: str = ""  # empty: encode on the fly with the first stage and the text encoder
 
@@ -135,17 +135,6 @@ class ParallelConfig:
         check(self.tensor_parallel_backend in ("torch", "megatron"), f"{prefix}.tensor_parallel_backend",
               f"must be torch or megatron, got {self.tensor_parallel_backend!r}")
 
-    def check_world(self, world_size: int, prefix: str = "parallel") -> None:
-        """Sizes against the job's world (known only at start-up)."""
-        check(world_size % self.model_parallel_size == 0, prefix,
-              f"tensor_parallel_size {self.tensor_parallel_size} x sequence_parallel_size "
-              f"{self.sequence_parallel_size} must divide the world size {world_size}")
-
-    def check_tokens(self, video_tokens: int, what: str, prefix: str = "parallel") -> None:
-        """Ulysses splits the video tokens evenly over the SP ranks."""
-        check(video_tokens % self.sequence_parallel_size == 0, f"{prefix}.sequence_parallel_size",
-              f"{what} has {video_tokens} video tokens, not divisible by {self.sequence_parallel_size}")
-
 
 def _cogvideox_optimizer() -> OptimizerConfig:
     # CogVideoX's SAT recipe: AdamW, betas (0.9, 0.95), weight decay 1e-4, short warm-up.
@@ -171,18 +160,10 @@ class T2VTrainConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
-    def validate(self) -> None:
-        p = self.parallel
-        if p.model_parallel_size > 1:
-            dit = DiTConfig.preset(self.model.preset, **dict(self.model.overrides))
-            # Ulysses splits the heads TP leaves on a rank again over SP; TP splits heads and the MLP width.
-            check(dit.num_attention_heads % p.model_parallel_size == 0, "parallel",
-                  f"model heads ({dit.num_attention_heads}) must divide by tensor_parallel_size x "
-                  f"sequence_parallel_size = {p.model_parallel_size}")
-            check(self.text_encoder.max_length % p.sequence_parallel_size == 0, "parallel.sequence_parallel_size",
-                  f"text_encoder.max_length ({self.text_encoder.max_length}) must divide by it")
-            check(p.tensor_parallel_size == 1 or dit.dropout == 0.0, "parallel.tensor_parallel_size",
-                  f"tensor parallelism needs model dropout 0, got {dit.dropout}")
+    def validate(self, prefix: str = "") -> None:
+        from .parallelize import check_layout
+
+        check_layout(self)  # what needs no world size or first stage; the rest at start-up
         if self.latents.cached:
             check(self.data.image_prob == 0.0, "data.image_prob",
                   "must be 0 with latents.cache_dir (the cache holds video clips only)")

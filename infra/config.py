@@ -1,8 +1,10 @@
 """Run configuration: one YAML per run, ``key=value`` overrides, validated against declared dataclass schemas.
 
-Every section of a run's YAML maps onto a dataclass. OmegaConf rejects unknown keys and wrong types; ``validate()``
-methods on the dataclasses reject impossible values. Every error is re-raised as ``ConfigError`` naming the key and
-the file, so a bad run fails at start-up, not hours in.
+Every section of a run's YAML maps onto a dataclass. OmegaConf rejects unknown keys and wrong types; each dataclass's
+``validate(prefix)`` rejects impossible values. One protocol: ``prefix`` is the section's full dotted key in the run
+config ("model.encoder"), and every error names ``join_key(prefix, field)`` through ``check``, so the full key
+appears exactly once. ``load_config`` walks the tree (children first) passing each section its key, and re-raises
+every error as ``ConfigError`` naming the file too, so a bad run fails at start-up, not hours in.
 """
 from __future__ import annotations
 
@@ -19,6 +21,11 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A run configuration that cannot be used; the message names the key and the source file."""
+
+
+def join_key(prefix: str, name: str) -> str:
+    """The full dotted key of field ``name`` in the section at ``prefix`` ("" at the top)."""
+    return f"{prefix}.{name}" if prefix else name
 
 
 def check(condition: bool, key: str, message: str) -> None:
@@ -125,23 +132,7 @@ def _validate_tree(obj: Any, prefix: str = "") -> None:
                 _validate_tree(item, f"{key}[{i}]")
     validate = getattr(obj, "validate", None)
     if callable(validate):
-        try:
-            validate(prefix) if _takes_prefix(validate) else validate()
-        except ValueError as err:
-            msg = str(err)
-            # Schemas that name keys relative to themselves get the full path prepended.
-            if prefix and not msg.startswith(prefix):
-                msg = f"{prefix}.{msg}"
-            raise ValueError(msg) from None
-
-
-def _takes_prefix(fn) -> bool:
-    import inspect
-
-    try:
-        return len(inspect.signature(fn).parameters) >= 1
-    except (TypeError, ValueError):
-        return False
+        validate(prefix)
 
 
 def _missing_values(node: Any, prefix: str = "") -> list[str]:
@@ -170,7 +161,13 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ConfigError(f"overrides must be key=value, got {bad} (config {source})")
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            valued = [o for o in overrides if o.split("=", 1)[1] != ""]
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(valued))
+            for override in overrides:
+                key, value = override.split("=", 1)
+                if value == "":  # "key=": an empty string for a text field, None (null) for any other
+                    current = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+                    OmegaConf.update(cfg, key, "" if isinstance(current, str) else None, merge=True)
             required -= {o.split("=", 1)[0] for o in overrides}
         missing = sorted(set(OmegaConf.missing_keys(cfg)) | required)
         if missing:

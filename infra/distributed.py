@@ -26,7 +26,8 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a launcher's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -56,7 +57,7 @@ def init_distributed(local_rank: int | None = None) -> DistInfo:
     if "RANK" not in os.environ:  # a plain `python -m ...` run: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank or 0))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     if local_rank is not None and local_rank >= 0:
         os.environ["LOCAL_RANK"] = str(local_rank)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

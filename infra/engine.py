@@ -10,7 +10,7 @@ import logging
 import torch
 from torch import nn
 
-from infra.config import DeepSpeedConfig, OptimizerConfig
+from infra.config import ConfigError, DeepSpeedConfig, OptimizerConfig
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,15 @@ def build_engine(module: nn.Module, ds: DeepSpeedConfig, opt: OptimizerConfig, w
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{type(module).__name__} has no trainable parameters to give an optimizer")
-    engine, _, _, _ = deepspeed.initialize(
-        model=module, model_parameters=params, mpu=mpu, config=deepspeed_config(ds, opt, world_size, use_fused))
+    from pydantic import ValidationError
+
+    try:
+        engine, _, _, _ = deepspeed.initialize(
+            model=module, model_parameters=params, mpu=mpu, config=deepspeed_config(ds, opt, world_size, use_fused))
+    except ValidationError as err:  # DeepSpeed checks its JSON with pydantic; say which of our keys fed it
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"deepspeed.extra: DeepSpeed refused the configuration built from the deepspeed section "
+                          f"({problems})") from None
     return engine
 
 

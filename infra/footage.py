@@ -69,10 +69,3 @@ def read_frames(path: str | Path, indices: list[int] | range | None = None) -> "
             raise ValueError(f"{path}: not enough frames for the requested indices ({err})") from err
     finally:
         source.close()
-
-
-def frames_to_tensor(frames: "np.ndarray") -> "torch.Tensor":
-    """uint8 (T, H, W, 3) -> float32 (3, T, H, W) in [-1, 1], the layout and range every model here takes."""
-    import torch
-
-    return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0

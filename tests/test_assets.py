@@ -9,7 +9,8 @@ import pytest
 
 from infra import assets, safe_pickle
 from infra.assets import ASSETS, Asset, AssetError, asset_available, asset_path, requirement_lines
-from infra.footage import CLIP_NAMES, clip_path, frame_count, frames_to_tensor, read_frames, real_clip_paths
+from infra.data.transforms import frames_to_tensor
+from infra.footage import CLIP_NAMES, clip_path, frame_count, read_frames, real_clip_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,14 +17,14 @@ def _load(config_path, *overrides):
 
 @pytest.fixture(scope="module")
 def cache(t2v_config):
-    from tools.cache_latents import cache_latents
+    from dit.latent_cache import cache_latents
 
     return cache_latents(_load(t2v_config), t2v_config.parent / "cache", batch_size=3, show_progress=False)
 
 
 def test_cache_holds_first_stage_latents_text_and_ground_truth(t2v_config, cache):
-    from dit.latent_dataset import LatentCache
-    from dit.train import build_first_stage, build_frozen_text_encoder, encode_text
+    from dit.latent_cache import LatentCache
+    from dit.runtime import build_first_stage, build_frozen_text_encoder, encode_text
     from infra.data.eval_clips import load_eval_clips
 
     cfg = _load(t2v_config)
@@ -45,8 +45,8 @@ def test_cache_holds_first_stage_latents_text_and_ground_truth(t2v_config, cache
 
 
 def test_cache_resumes_only_missing_shards_and_refuses_other_settings(t2v_config, cache, monkeypatch):
-    import tools.cache_latents as tool
-    from dit.latent_dataset import LatentCache
+    import dit.latent_cache as tool
+    from dit.latent_cache import LatentCache
 
     before = [LatentCache(cache).load(i)["latents"] for i in range(8)]
     first_part = (cache / "part-000000.safetensors").stat().st_mtime_ns
@@ -67,7 +67,7 @@ def test_cache_resumes_only_missing_shards_and_refuses_other_settings(t2v_config
 
 
 def test_latent_loader_resumes_and_follows_the_shard_loader_plan(t2v_config, cache):
-    from dit.latent_dataset import build_latent_loader
+    from dit.latent_cache import build_latent_loader
     from infra.data.dataset import build_loader
 
     cfg = _load(t2v_config)
@@ -103,10 +103,10 @@ def test_training_on_cached_latents_equals_on_the_fly(t2v_config, cache):
 def test_a_control_cache_is_its_source_seen_through_the_transform(t2v_config, cache, tmp_path):
     """transform_cache re-expresses a cache through a latent transform: what encoding through the transformed first
     stage gives, captions and text states untouched; a cache from another first stage is refused."""
-    from dit.latent_dataset import LatentCache, read_manifest
-    from dit.train import build_first_stage
+    from dit.latent_cache import LatentCache, read_manifest
+    from dit.runtime import build_first_stage
     from infra.data.eval_clips import load_eval_clips
-    from tools.cache_latents import transform_cache
+    from dit.latent_cache import transform_cache
     from vae.latent_transform import CheckerboardSign
 
     path = CheckerboardSign(cell=1).save(tmp_path / "checker.safetensors")

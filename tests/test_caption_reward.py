@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from infra.data.shard_writer import encode_mp4
+from infra.video_io import encode_mp4
 from infra.data.synthetic import SyntheticConfig, make_sample
 from tools.caption_reward import chance_level, classify_motion, main, read_video, recover, score_batch, score_video
 

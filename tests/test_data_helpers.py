@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from infra.data.shard_writer import ShardWriter, encode_image, encode_mp4
+from infra.data.shard_writer import ShardWriter, encode_image
+from infra.video_io import encode_mp4
 
 LEVEL0, LEVEL_STEP = 16, 6
 

@@ -1,20 +1,15 @@
 """Ulysses sequence parallelism: 2 gloo processes give the single-process outputs and gradients."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from infra.distributed import free_port
+
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 CASES = [("rope", False), ("sincos", True)]  # one spawn for both: process start-up dominates the time
@@ -53,7 +48,7 @@ def _check(positional_embedding: str, use_mask: bool) -> None:
 
 def test_ulysses_matches_single_process():
     os.environ["OMP_NUM_THREADS"] = "1"
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(freestr(free_port()),), nprocs=WORLD, join=True)
 
 
 def test_ulysses_forward_needs_enable():

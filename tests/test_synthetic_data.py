@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from infra.data.synthetic import (
-    COLORS, DIRECTIONS, MOTION_PHRASE, SHAPES, SyntheticConfig, background_is_safe, make_sample, render,
+    COLORS, DIRECTIONS, MOTION_PHRASE, SHAPES, SyntheticConfig, background_is_safe, make_caption, make_sample, render,
     shape_coverage,
 )
 from tools.make_default_data import make_default_data
@@ -30,6 +30,10 @@ def test_samples_are_deterministic_and_distinct():
     assert trajectory[-1] == [*truth_a["end"], truth_a["radius"][1]]
     # The truth alone determines the pixels (a reward can re-render from the meta file).
     assert np.array_equal(render(json.loads(json.dumps(truth_a)), 64, 64, 9), a)
+    # Captions and truths come without rendering, equal to what the full sample gives (the study's prompts).
+    for index, video in ((3, True), (17, True), (5, False)):
+        _, caption, truth = make_sample(0, index, CFG, video=video)
+        assert make_caption(0, index, CFG, video=video) == (caption, truth)
 
 
 def test_caption_states_the_truth_and_shape_stays_in_frame():
@@ -99,6 +103,8 @@ def test_config_validation_names_the_key(key, value):
     cfg = SyntheticConfig(**{key: value})
     with pytest.raises(ValueError, match=key):
         cfg.validate()
+    with pytest.raises(ValueError, match=rf"^data\.default\.[a-z_/]*{key}"):  # inside a run config: the full key
+        cfg.validate("data.default")
 
 
 def _read_tar(path):

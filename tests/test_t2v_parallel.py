@@ -92,9 +92,19 @@ def test_parallel_config_is_validated(config):
                           ("parallel.sequence_parallel_size=0", "parallel.sequence_parallel_size")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(T2VTrainConfig, config, [override])
+    from dit.parallelize import check_layout
+
     cfg = load_config(T2VTrainConfig, config, ["parallel.sequence_parallel_size=2"])
-    with pytest.raises(ValueError, match="world size 3"):
-        cfg.parallel.check_world(3)
+    with pytest.raises(ConfigError, match=r"^parallel: .*world size 3"):
+        check_layout(cfg, world_size=3)
+    check_layout(cfg, world_size=4)
+    # With the first stage known, the video tokens Ulysses splits: 3 latent frames x 1 token cannot go over 2 ranks.
+    stage = type("Stage", (), {"latent_channels": 8, "spatial_compression": 16,
+                               "latent_shape": lambda self, f, h, w: (8, 1 + (f - 1) // 4, h // 16, w // 16)})()
+    cfg = load_config(T2VTrainConfig, config, ["parallel.sequence_parallel_size=2", "data.num_frames=9",
+                                               "data.height=16", "data.width=16", "model.patch_size=1"])
+    with pytest.raises(ConfigError, match=r"^parallel\.sequence_parallel_size: a training clip .* 3 video tokens"):
+        check_layout(cfg, world_size=2, first_stage=stage)
 
 
 def test_tensor_parallel_resume_with_ema_equals_uninterrupted(config):

@@ -2,7 +2,6 @@
 data), writes sample mp4s and a diffusers export, resumes exactly, and runs under the ``deepspeed`` launcher."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,8 @@ import av
 import numpy as np
 import pytest
 import torch
+
+from infra.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -55,19 +56,13 @@ def t2v_config(tmp_path_factory) -> Path:
     return make_t2v_assets(tmp_path_factory.mktemp("t2v"))
 
 
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def run_t2v(config: Path, out: Path, *overrides: str, launcher: str = "python", timeout: int = 600):
     """Run ``dit.train`` in a fresh process (``launcher`` "python" or "deepspeed"); raise with its output on failure."""
     args = ["--config", str(config), f"run.output_dir={out}", *overrides]
     if launcher == "python":
         cmd = [sys.executable, "-m", "dit.train", *args]
     else:  # the deepspeed launcher works on CPU (DeepSpeed 0.19.8) with --num_gpus 1: one local process, gloo
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", _port(),
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", str(free_port()),
                "--module", "dit.train", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

@@ -2,24 +2,19 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from infra.distributed import free_port
+
 from infra.config import OptimizerConfig
 from infra.schedule import learning_rate
 
 HELPERS = Path(__file__).parent / "helpers"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _run(out: Path, *overrides: str, nproc: int = 1, script: str = "toy_task.py", env=None, check=True):
@@ -29,7 +24,7 @@ def _run(out: Path, *overrides: str, nproc: int = 1, script: str = "toy_task.py"
     if nproc == 1:
         cmd = [sys.executable, str(HELPERS / script), *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port()}",
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={str(free_port())}",
                str(HELPERS / script), *args]
     proc = subprocess.run(cmd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:

@@ -162,7 +162,7 @@ def test_tiny_qwen25_vl_generates_for_video_frames_and_garbage_is_counted():
 
 
 def test_cli_loads_a_local_folder(tmp_path, capsys):
-    from infra.data.shard_writer import encode_mp4
+    from infra.video_io import encode_mp4
 
     generate = tiny_generator()
     folder = tmp_path / "reward"

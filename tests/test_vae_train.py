@@ -1,12 +1,13 @@
 """SSVAE training end to end on the shared engine: the deepspeed launcher, ZeRO-2, held-out real clips, exact resume."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from infra.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
@@ -21,12 +22,6 @@ TINY = ["data.num_frames=9", "data.height=32", "data.width=32", "data.resize=0",
         "loss.lmr.mask_probs={32: [0.7, 0.1, 0.1, 0.1]}", "loss.lmr.block_sizes={32: [1, 1, 1]}",
         "loss.discriminator.max_spatial_down=4", "loss.discriminator.ndf=8", "optimizer.lr=2e-3", "optimizer.warmup_steps=2", "optimizer.decay_steps=0",
         "disc_optimizer.warmup_steps=0", "disc_optimizer.decay_steps=0", "eval.num_clips=2"]
-
-
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +56,7 @@ def _train(out: Path, data: Path, heldout: str, *overrides: str, launcher: str =
     args = ["--config", str(ROOT / "configs/vae/tiny.yaml"), f"run.output_dir={out}", f"data.video_roots={data}",
             f"data.image_roots={images or data}", f"eval.video_roots={heldout}", *TINY, *overrides]
     if launcher == "deepspeed":
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", _port(),
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
                "--module", "vae.train", *args]
     else:
         cmd = [sys.executable, "-m", "vae.train", *args]

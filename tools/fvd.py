@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from infra.footage import frame_count, frames_to_tensor, read_frames
+from infra.data.transforms import frames_to_tensor
+from infra.footage import frame_count, read_frames
 from infra.metrics.fvd import CLIP_FRAMES, FEATURE_VERSION, RESOLUTION, I3DFeatures, frechet_distance
 
 VIDEO_SUFFIXES = (".mp4", ".mpg", ".mpeg", ".mov", ".mkv", ".webm", ".avi")

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from infra.data.shard_writer import ShardWriter, encode_image, encode_mp4
+from infra.data.shard_writer import ShardWriter, encode_image
+from infra.video_io import encode_mp4
 from infra.data.synthetic import SyntheticConfig, make_sample, scene_options
 
 MANIFEST = "manifest.json"

@@ -7,61 +7,22 @@
 ``CogVideoXTransformer3DModel`` folder). Sizes, steps, guidance, sampler and seed come from the config's
 ``sampling:`` section (override with ``sampling.steps=20`` etc.). Prompt ``i`` is sampled from noise seeded by
 ``sampling.seed + i``, so a prompt gives the same video alone, in a list, or on any rank; the training's periodic
-sampling calls ``sample_prompts`` and therefore matches this tool.
+sampling calls the same ``dit.runtime.sample_prompts`` and therefore matches this tool.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from infra.config import load_config
-from infra.video_io import write_video
-
-
-@torch.no_grad()
-def sample_prompts(model, first_stage, text_states: torch.Tensor, text_mask: torch.Tensor | None, cfg,
-                   out_dir: str | Path, indices: Sequence[int] | None = None, batch_size: int = 16) -> list[Path]:
-    """Sample one video per row of ``text_states`` (B, L, D) and write ``<out_dir>/prompt_<i>.mp4``; ``text_mask``
-    (B, L) when the DiT masks text padding (see ``dit.train.uses_text_mask``), else None.
-
-    ``cfg`` is a ``T2VTrainConfig`` (its ``sampling``, ``diffusion`` and ``data`` sections); ``indices`` are the rows'
-    positions in the prompt list (their seeds and file names), 0..B-1 when not given. Prompt ``i`` starts from noise
-    drawn from its own generator (``sampling.seed + i``); the deterministic DDIM sampler then runs up to
-    ``batch_size`` prompts through the DiT and the decoder together (a prompt's video is the same alone or in a batch,
-    up to float rounding); the stochastic DPM++ sampler draws from that generator at every step, one prompt at a time.
-    """
-    from dit.samplers import sample
-
-    s = cfg.sampling
-    indices = list(range(text_states.shape[0])) if indices is None else list(indices)
-    if len(indices) != text_states.shape[0]:
-        raise ValueError(f"{len(indices)} indices for {text_states.shape[0]} prompts")
-    frames, height, width = cfg.sample_shape()
-    channels, latent_frames, h, w = first_stage.latent_shape(frames, height, width)
-    device = text_states.device
-    dtype = next(model.parameters()).dtype
-    per_call = batch_size if s.sampler == "ddim" else 1
-    paths = []
-    for start in range(0, len(indices), per_call):
-        rows = list(range(start, min(start + per_call, len(indices))))
-        generators = [torch.Generator(device=device).manual_seed(s.seed + indices[r]) for r in rows]
-        noise = torch.cat([torch.randn((1, latent_frames, channels, h, w), generator=g, device=device)
-                           for g in generators])
-        latents = sample(model, text_states[rows].to(dtype), latents=noise, steps=s.steps, guidance=s.guidance,
-                         dynamic_cfg=s.dynamic_cfg, sampler=s.sampler, generator=generators[0],
-                         diffusion=cfg.diffusion.schedule, text_mask=None if text_mask is None else text_mask[rows])
-        videos = first_stage.decode(latents.permute(0, 2, 1, 3, 4))  # DiT (B, F, C, h, w) -> VAE (B, C, F, h, w)
-        for row, video in zip(rows, videos):
-            paths.append(write_video(Path(out_dir) / f"prompt_{indices[row]:02d}.mp4", video, cfg.sample_fps()))
-    return paths
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
     from dit.convert import from_diffusers
-    from dit.train import EXPORT_DIR, build_first_stage, build_frozen_text_encoder, encode_text, uses_text_mask
+    from dit.runtime import (EXPORT_DIR, build_first_stage, build_frozen_text_encoder, encode_text, sample_prompts,
+                             uses_text_mask)
     from dit.train_config import T2VTrainConfig
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -6,7 +6,7 @@ For each variant (``configs/study/*.yaml``, schema ``tools.study_config``): trai
 the deepspeed launcher when asked) or take a given folder (SSVAE, diffusers Wan / CogVideoX), freeze it, measure its
 per-channel latent statistics (stored with the model as its encode/decode normalisation), spectra
 (``tools.spectral``) and reconstruction quality (``tools.reconstruct``), cache the DiT's latents
-(``tools.cache_latents``), then train the same DiT (``dit.train``) with each seed and the same budget. The DiT samples
+(``dit.latent_cache``), then train the same DiT (``dit.train``) with each seed and the same budget. The DiT samples
 fixed prompts every ``run.eval_every`` steps; the prompts are captions of a held-out default-data set, so the
 samples are scored against their ground truth (``tools.caption_reward``) or by UnifiedReward. The report
 (``<output_dir>/report/``: report.md, report.json, reward_vs_step.png, spectral overlays) gives reward versus step,
@@ -24,7 +24,6 @@ import dataclasses
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -34,17 +33,12 @@ import torch
 from tqdm import tqdm
 
 from infra.config import ConfigError, load_config, save_config, to_dict
+from infra.distributed import free_port
 from tools.stages import StageResult, StageRunner
 from tools.study_config import StudyConfig, VariantConfig
 
 log = logging.getLogger("tools.study")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _last_metrics(metrics_file: Path, prefix: str) -> dict:
@@ -66,21 +60,19 @@ class Study:
         self.data = self.out / "data"
         self.runner = StageRunner(self.out / "stages")
         self.source = source
-        # Compose and validate every run config up front: a bad override fails now, not hours in.
-        for variant in cfg.variants:
-            if variant.trains_vae:
-                self.vae_config(variant)
-            for seed in cfg.seeds:
-                self.t2v_config(variant, seed, first_stage=str(self.out), cache_dir="")
+        # Every child run's config, built whole and validated before anything runs; the stages use them unchanged.
+        self.vae_configs = {v.name: self.vae_config(v) for v in cfg.variants if v.trains_vae}
+        self.t2v_configs = {(v.name, seed): self.t2v_config(v, seed) for v in cfg.variants for seed in cfg.seeds}
 
     # ------------------------------------------------------------------------------------------------ configs
     def variant_dir(self, variant: VariantConfig) -> Path:
         return self.out / "variants" / variant.name
 
-    def _load(self, schema, template, wired: list[str], variant_overrides: list[str], what: str):
-        """The template YAML + the study's data roots + shared overrides + the variant's own (later ones win)."""
+    def _load(self, schema, template, wired: list[str], fixed: list[str], variant_overrides: list[str], what: str):
+        """The template YAML + the study's data roots + shared overrides + the variant's own, then what the study
+        fixes itself (its folders, seeds, first stage and prompts: later overrides win, so nobody moves them)."""
         try:
-            return load_config(schema, template.config, [*wired, *template.overrides, *variant_overrides])
+            return load_config(schema, template.config, [*wired, *template.overrides, *variant_overrides, *fixed])
         except ConfigError as err:
             raise ConfigError(f"{self.source}: {what}: {err}") from None
 
@@ -92,28 +84,41 @@ class Study:
                   f"data.image_roots={d / 'default'}",
                   f"eval.video_roots={d / 'real_heldout' if self._has_real_heldout() else d / 'prompts'}"]
                  if self.cfg.data.wire_roots else [])
-        cfg = self._load(VAETrainConfig, self.cfg.vae, wired, variant.vae_overrides, f"variant {variant.name} (vae)")
-        cfg.run.output_dir = str(self.variant_dir(variant) / "vae")
-        return cfg
+        fixed = [f"run.output_dir={self.variant_dir(variant) / 'vae'}"]
+        return self._load(VAETrainConfig, self.cfg.vae, wired, fixed, variant.vae_overrides,
+                          f"variant {variant.name} (vae)")
 
-    def t2v_config(self, variant: VariantConfig, seed: int, first_stage: str, cache_dir: str,
-                   latent_transform: str = ""):
+    def first_stage_plan(self, variant: VariantConfig) -> tuple[str, str]:
+        """(folder, latent transform file) of a variant's frozen first stage, known before it exists: a trained
+        SSVAE is stored with its latent statistics under the variant, a given one is used where it is, a control
+        is its source's seen through a transform file under the control."""
+        if variant.is_control:
+            source, _ = self.first_stage_plan(self.cfg.variant(variant.control.source))
+            return source, str(self.variant_dir(variant) / "first_stage" / "latent_transform.safetensors")
+        if variant.trains_vae:
+            return str(self.variant_dir(variant) / "first_stage"), ""
+        return str(Path(variant.path).resolve()), ""
+
+    def t2v_config(self, variant: VariantConfig, seed: int):
         from dit.train_config import T2VTrainConfig
 
+        path, transform = self.first_stage_plan(variant)
         wired = [f"data.video_roots={self.data / 'default'}"] if self.cfg.data.wire_roots else []
-        cfg = self._load(T2VTrainConfig, self.cfg.t2v, wired, variant.t2v_overrides, f"variant {variant.name} (t2v)")
-        cfg.run.seed = seed
-        cfg.run.output_dir = str(self.variant_dir(variant) / f"seed{seed}" / "dit")
-        cfg.first_stage.kind = variant.kind
-        cfg.first_stage.path = first_stage
-        cfg.first_stage.latent_transform = latent_transform
-        cfg.latents.cache_dir = cache_dir
-        return cfg
+        fixed = [f"run.seed={seed}", f"run.output_dir={self.variant_dir(variant) / f'seed{seed}' / 'dit'}",
+                 f"first_stage.kind={variant.kind}", f"first_stage.path={path}",
+                 f"first_stage.latent_transform={transform}",
+                 f"latents.cache_dir={self.variant_dir(variant) / 'latents' if self.cfg.cache_latents else ''}",
+                 f"sampling.prompts={json.dumps(self.planned_prompts())}"]
+        return self._load(T2VTrainConfig, self.cfg.t2v, wired, fixed, variant.t2v_overrides,
+                          f"variant {variant.name} (t2v)")
 
-    def _t2v_for(self, variant: VariantConfig, seed: int, first_stage: StageResult, cache_dir: str = ""):
-        """The DiT run config of a variant whose first stage is measured (a control's carries its transform)."""
-        return self.t2v_config(variant, seed, first_stage.outputs["path"], cache_dir,
-                               first_stage.outputs.get("latent_transform", ""))
+    def planned_prompts(self) -> list[str]:
+        """The prompts: captions of the held-out set (``prompts.seed``), computed without rendering it."""
+        from infra.data.synthetic import SyntheticConfig, make_caption
+
+        d, p = self.cfg.data.default, self.cfg.prompts
+        scene = SyntheticConfig(width=d.size, height=d.size, frames=d.frames, fps=d.fps, **d.scene())
+        return [make_caption(p.seed, i, scene)[0] for i in range(p.num_prompts)]
 
     def _has_real_train(self) -> bool:
         from infra.footage import CLIP_NAMES
@@ -129,7 +134,7 @@ class Study:
         launcher = self.cfg.launcher
         if launcher.kind == "deepspeed":
             cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(launcher.num_gpus),
-                   "--master_port", _free_port(), "--module", module, "--config", str(config_path)]
+                   "--master_port", str(free_port()), "--module", module, "--config", str(config_path)]
         else:
             cmd = [sys.executable, "-m", module, "--config", str(config_path)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -189,14 +194,19 @@ class Study:
         return out
 
     def prompts(self) -> tuple[list[str], list[dict]]:
-        """The fixed prompts (captions of the held-out set) and their ground truths, in order."""
+        """The fixed prompts (captions of the held-out set) and their ground truths, in order, as generated; they
+        must be the captions the DiTs' configs were built with."""
         captions, truths = [], []
         for meta in sorted((self.data / "prompts").glob("video-*.meta.jsonl")):
             for line in meta.read_text().splitlines():
                 record = json.loads(line)
                 captions.append(record["caption"])
                 truths.append(record["truth"])
-        return captions[:self.cfg.prompts.num_prompts], truths[:self.cfg.prompts.num_prompts]
+        captions, truths = captions[:self.cfg.prompts.num_prompts], truths[:self.cfg.prompts.num_prompts]
+        if captions != self.planned_prompts():
+            raise RuntimeError(f"the prompt set under {self.data / 'prompts'} does not hold the captions the DiTs "
+                               f"sample ({self.cfg.prompts}); delete it to have it made again")
+        return captions, truths
 
     # ------------------------------------------------------------------------------------------------ variants
     def stage_vae(self, variant: VariantConfig, data_hash: str) -> StageResult:
@@ -204,7 +214,7 @@ class Study:
         if not variant.trains_vae:
             return self.runner.run(f"{variant.name}/vae", {"path": str(Path(variant.path).resolve())},
                                    lambda: {"model": str(Path(variant.path).resolve()), "trained": False})
-        cfg = self.vae_config(variant)
+        cfg = self.vae_configs[variant.name]
 
         def train() -> dict:
             path = vdir / "vae.yaml"
@@ -250,7 +260,7 @@ class Study:
         from infra.data.eval_clips import load_eval_clips
 
         m = self.cfg.measure
-        roots = self.vae_config(variant).data.video_roots if variant.trains_vae else str(self.data / "default")
+        roots = self.vae_configs[variant.name].data.video_roots if variant.trains_vae else str(self.data / "default")
         return load_eval_clips(roots, m.stats_clips, m.frames, self.cfg.data.default.fps, m.size, m.size)["video"]
 
     def stage_control(self, variant: VariantConfig, source: VariantConfig, source_fs: StageResult) -> StageResult:
@@ -375,10 +385,10 @@ class Study:
         through its transform (exactly what encoding through the transformed stage gives, without the encoder)."""
         if not self.cfg.cache_latents:
             return None
-        from tools.cache_latents import cache_latents, transform_cache
+        from dit.latent_cache import cache_latents, transform_cache
 
-        cfg = self._t2v_for(variant, self.cfg.seeds[0], first_stage)
-        out = self.variant_dir(variant) / "latents"
+        cfg = self.t2v_configs[(variant.name, self.cfg.seeds[0])]
+        out = Path(cfg.latents.cache_dir)
         # The cache depends on the data, clip, first stage and text encoder only (not on the seed or the DiT).
         key = {"first_stage": first_stage.hash, "data": to_dict(cfg.data), "text_encoder": to_dict(cfg.text_encoder),
                "first_stage_cfg": dataclasses.asdict(cfg.first_stage),
@@ -394,7 +404,7 @@ class Study:
         """Predictors of diffusability that need no DiT: the spectral numbers and the velocity irreducible variance
         (``tools.diffusability``) of the latents the DiT trains on (the cache, or freshly encoded training clips)."""
         m = self.cfg.measure
-        cfg = self._t2v_for(variant, self.cfg.seeds[0], first_stage)
+        cfg = self.t2v_configs[(variant.name, self.cfg.seeds[0])]
 
         def measure() -> dict:
             from tools.diffusability import velocity_irreducible_variance
@@ -414,21 +424,22 @@ class Study:
                           n: int) -> torch.Tensor:
         """Up to ``n`` of the DiT's training latents (N, C, F, h, w), as the DiT sees them."""
         if latents is not None:
-            from dit.latent_dataset import LatentCache
+            from dit.latent_cache import LatentCache
 
             cache = LatentCache(latents.outputs["cache_dir"])
             return torch.stack([cache.load(i)["latents"].float() for i in range(min(n, len(cache)))])
         from infra.data.eval_clips import load_eval_clips
 
-        d = self._t2v_for(variant, self.cfg.seeds[0], first_stage).data
+        d = self.t2v_configs[(variant.name, self.cfg.seeds[0])].data
         clips = load_eval_clips(d.video_roots, n, d.num_frames, d.fps, d.height, d.width)["video"]
         return self._encode(self._first_stage(variant, first_stage.outputs), clips)
 
     def stage_dit(self, variant: VariantConfig, seed: int, first_stage: StageResult,
                   latents: StageResult | None) -> StageResult:
-        cache_dir = latents.outputs["cache_dir"] if latents else ""
-        cfg = self._t2v_for(variant, seed, first_stage, cache_dir)
-        cfg.sampling.prompts = self.prompts()[0]
+        cfg = self.t2v_configs[(variant.name, seed)]
+        if Path(first_stage.outputs["path"]).resolve() != Path(cfg.first_stage.path).resolve():
+            raise RuntimeError(f"{variant.name}: the first stage is at {first_stage.outputs['path']}, the DiT's config "
+                               f"planned {cfg.first_stage.path}")
         run_dir = Path(cfg.run.output_dir)
 
         def train() -> dict:

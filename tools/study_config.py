@@ -57,10 +57,7 @@ class DefaultDataConfig:
         check(self.size >= 16 and self.size % 2 == 0, f"{prefix}.size", f"must be even and >= 16, got {self.size}")
         check(self.frames >= 1, f"{prefix}.frames", "must be >= 1")
         check(self.fps > 0, f"{prefix}.fps", "must be > 0")
-        try:
-            SyntheticConfig(**self.scene()).validate()
-        except ValueError as err:  # the message starts with the field's name(s), e.g. "min_radius/max_radius"
-            check(False, f"{prefix}.{str(err).split()[0]}", str(err))
+        SyntheticConfig(**self.scene()).validate(prefix)  # the scene options have the generator's field names
 
 
 @dataclass
@@ -228,7 +225,7 @@ class StudyConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     vae: RunTemplateConfig = field(default_factory=lambda: RunTemplateConfig(config="configs/vae/tiny.yaml"))
     t2v: RunTemplateConfig = field(default_factory=lambda: RunTemplateConfig(config="configs/t2v/tiny.yaml"))
-    cache_latents: bool = True  # encode the DiT data once per variant (tools.cache_latents)
+    cache_latents: bool = True  # encode the DiT data once per variant (dit.latent_cache)
     variants: list[VariantConfig] = field(default_factory=list)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)

@@ -35,6 +35,9 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
+from infra.config import check, join_key
+from infra.dtypes import DTYPES as TORCH_DTYPES
+
 POINTWISE_VIDEO = (
     "Suppose you are an expert in judging and evaluating the quality of AI-generated videos, please watch the frames "
     "of a given video and see the text prompt for generating the video.\n"
@@ -123,7 +126,7 @@ PARSERS: dict[str, Callable[[str], Optional[ParsedScore]]] = {
     "pointwise": parse_pointwise, "alignment_physics_style": parse_alignment_physics_style,
 }
 SCALES = {"pointwise": (1.0, 10.0), "alignment_physics_style": (1.0, 5.0)}
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = tuple(TORCH_DTYPES)
 
 
 @dataclass
@@ -137,21 +140,21 @@ class UnifiedRewardConfig:
     max_pixels: int = 0  # per frame, for the image processor; 0 keeps the model folder's setting
     dtype: str = "bfloat16"
 
-    def validate(self) -> None:
-        if self.template not in TEMPLATES and "{prompt}" not in self.template:
-            raise ValueError(f"template must be one of {tuple(TEMPLATES)} or text holding '{{prompt}}', "
-                             f"got {self.template[:60]!r}")
-        if self.template not in TEMPLATES and not self.answer_format:
-            raise ValueError("answer_format must name a parser for a custom template")
-        if self.answer_format and self.answer_format not in PARSERS:
-            raise ValueError(f"answer_format must be one of {tuple(PARSERS)}, got {self.answer_format!r}")
+    def validate(self, prefix: str = "") -> None:
+        """``prefix``: the section's key in a run config (the study's ``reward.unified``), "" standalone."""
+        def key(name: str) -> str:
+            return join_key(prefix, name)
+
+        check(self.template in TEMPLATES or "{prompt}" in self.template, key("template"),
+              f"must be one of {tuple(TEMPLATES)} or text holding '{{prompt}}', got {self.template[:60]!r}")
+        check(self.template in TEMPLATES or bool(self.answer_format), key("answer_format"),
+              "must name a parser for a custom template")
+        check(not self.answer_format or self.answer_format in PARSERS, key("answer_format"),
+              f"must be one of {tuple(PARSERS)}, got {self.answer_format!r}")
         for name in ("num_frames", "batch_size", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_pixels < 0:
-            raise ValueError(f"max_pixels must be >= 0, got {self.max_pixels}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+            check(getattr(self, name) >= 1, key(name), f"must be >= 1, got {getattr(self, name)}")
+        check(self.max_pixels >= 0, key("max_pixels"), f"must be >= 0, got {self.max_pixels}")
+        check(self.dtype in DTYPES, key("dtype"), f"must be one of {DTYPES}, got {self.dtype!r}")
 
     @property
     def prompt_template(self) -> str:

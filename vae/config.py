@@ -10,45 +10,37 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
+from infra.config import check, join_key
+
 NORM_KINDS = ("rmsnorm", "groupnorm")
 INITS = ("default", "residual_zero")
 
 
-def _check_resizable(a: int, b: int, prefix: str, key: str, what: str) -> None:
+def _check_resizable(a: int, b: int, prefix: str, what: str) -> None:
     """A parameter-free shortcut between widths a and b repeats or averages channels: one must divide the other."""
-    if max(a, b) % min(a, b):
-        raise ValueError(f"{prefix}.boundary_shortcuts needs {what} widths that divide one another, got {a} and {b} "
-                         f"(change {prefix}.{key})")
+    check(max(a, b) % min(a, b) == 0, join_key(prefix, "boundary_shortcuts"),
+          f"needs {what} widths that divide one another, got {a} and {b}")
 
 
 def _check_common(cfg: "EncoderConfig | DecoderConfig", prefix: str, temporal_key: str) -> None:
-    if cfg.ch < 1:
-        raise ValueError(f"{prefix}.ch must be >= 1, got {cfg.ch}")
-    if len(cfg.ch_mult) < 1 or any(m < 1 for m in cfg.ch_mult):
-        raise ValueError(f"{prefix}.ch_mult must be a non-empty list of positive ints, got {cfg.ch_mult}")
-    if cfg.num_res_blocks < 1:
-        raise ValueError(f"{prefix}.num_res_blocks must be >= 1, got {cfg.num_res_blocks}")
-    if cfg.num_mid_blocks < 1:
-        raise ValueError(f"{prefix}.num_mid_blocks must be >= 1, got {cfg.num_mid_blocks}")
-    if cfg.z_channels < 1:
-        raise ValueError(f"{prefix}.z_channels must be >= 1, got {cfg.z_channels}")
-    if cfg.norm not in NORM_KINDS:
-        raise ValueError(f"{prefix}.norm must be one of {NORM_KINDS}, got {cfg.norm!r}")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise ValueError(f"{prefix}.dropout must be in [0, 1), got {cfg.dropout}")
+    def key(name: str) -> str:
+        return join_key(prefix, name)
+
+    check(cfg.ch >= 1, key("ch"), f"must be >= 1, got {cfg.ch}")
+    check(len(cfg.ch_mult) >= 1 and all(m >= 1 for m in cfg.ch_mult), key("ch_mult"),
+          f"must be a non-empty list of positive ints, got {cfg.ch_mult}")
+    for name in ("num_res_blocks", "num_mid_blocks", "z_channels"):
+        check(getattr(cfg, name) >= 1, key(name), f"must be >= 1, got {getattr(cfg, name)}")
+    check(cfg.norm in NORM_KINDS, key("norm"), f"must be one of {NORM_KINDS}, got {cfg.norm!r}")
+    check(0.0 <= cfg.dropout < 1.0, key("dropout"), f"must be in [0, 1), got {cfg.dropout}")
     temporal = getattr(cfg, temporal_key)
-    if len(temporal) != len(cfg.ch_mult) - 1:
-        raise ValueError(
-            f"{prefix}.{temporal_key} needs one entry per resampling (len(ch_mult) - 1 = {len(cfg.ch_mult) - 1}), "
-            f"got {len(temporal)}"
-        )
-    if cfg.init not in INITS:
-        raise ValueError(f"{prefix}.init must be one of {INITS}, got {cfg.init!r}")
+    check(len(temporal) == len(cfg.ch_mult) - 1, key(temporal_key),
+          f"needs one entry per resampling (len(ch_mult) - 1 = {len(cfg.ch_mult) - 1}), got {len(temporal)}")
+    check(cfg.init in INITS, key("init"), f"must be one of {INITS}, got {cfg.init!r}")
     if cfg.norm == "groupnorm":
         widths = {cfg.ch * m for m in cfg.ch_mult} | {cfg.ch}
         bad = sorted(w for w in widths if w % 32)
-        if bad:
-            raise ValueError(f"{prefix}.norm 'groupnorm' needs channel widths divisible by 32, got {bad}")
+        check(not bad, key("norm"), f"'groupnorm' needs channel widths divisible by 32, got {bad}")
 
 
 @dataclass
@@ -80,16 +72,14 @@ class EncoderConfig:
     # the start lets the decoder read the latent before the KL term shapes the variance.
     logvar_init: float = 0.0
 
-    def validate(self) -> None:
-        if self.in_channels < 1:
-            raise ValueError(f"encoder.in_channels must be >= 1, got {self.in_channels}")
-        _check_common(self, "encoder", "temporal_downsample")
-        if self.logvar_init != 0.0 and self.init != "residual_zero":
-            raise ValueError(f"encoder.logvar_init applies with encoder.init 'residual_zero', got init {self.init!r}")
+    def validate(self, prefix: str = "encoder") -> None:
+        check(self.in_channels >= 1, join_key(prefix, "in_channels"), f"must be >= 1, got {self.in_channels}")
+        _check_common(self, prefix, "temporal_downsample")
+        check(self.logvar_init == 0.0 or self.init == "residual_zero", join_key(prefix, "logvar_init"),
+              f"applies with init 'residual_zero', got init {self.init!r}")
         if self.boundary_shortcuts:
-            _check_resizable(self.in_channels, self.ch, "encoder", "ch", "in_channels and ch")
-            _check_resizable(self.ch * self.ch_mult[-1], self.z_channels, "encoder", "ch_mult",
-                             "the last level's and z_channels")
+            _check_resizable(self.in_channels, self.ch, prefix, "in_channels and ch")
+            _check_resizable(self.ch * self.ch_mult[-1], self.z_channels, prefix, "the last level's and z_channels")
 
 
 @dataclass
@@ -113,14 +103,12 @@ class DecoderConfig:
     boundary_shortcuts: bool = False
     init: str = "default"
 
-    def validate(self) -> None:
-        if self.out_channels < 1:
-            raise ValueError(f"decoder.out_channels must be >= 1, got {self.out_channels}")
-        _check_common(self, "decoder", "temporal_upsample")
+    def validate(self, prefix: str = "decoder") -> None:
+        check(self.out_channels >= 1, join_key(prefix, "out_channels"), f"must be >= 1, got {self.out_channels}")
+        _check_common(self, prefix, "temporal_upsample")
         if self.boundary_shortcuts:
-            _check_resizable(self.z_channels, self.ch * self.ch_mult[-1], "decoder", "ch_mult",
-                             "z_channels and the first level's")
-            _check_resizable(self.ch, self.out_channels, "decoder", "ch", "ch and out_channels")
+            _check_resizable(self.z_channels, self.ch * self.ch_mult[-1], prefix, "z_channels and the first level's")
+            _check_resizable(self.ch, self.out_channels, prefix, "ch and out_channels")
 
 
 # Released YAML keys that we accept only with these values (other values select code paths we do not implement).
@@ -189,24 +177,24 @@ class SSVAEConfig:
     def temporal_compression(self) -> int:
         return 2 ** sum(bool(t) for t in self.encoder.temporal_downsample)
 
-    def validate(self) -> None:
-        self.encoder.validate()
-        self.decoder.validate()
-        if self.encoder.z_channels != self.decoder.z_channels:
-            raise ValueError(
-                f"decoder.z_channels ({self.decoder.z_channels}) must equal encoder.z_channels "
-                f"({self.encoder.z_channels})"
-            )
-        if sum(map(bool, self.encoder.temporal_downsample)) != sum(map(bool, self.decoder.temporal_upsample)):
-            raise ValueError("decoder.temporal_upsample must undo as many time halvings as encoder.temporal_downsample")
-        if len(self.encoder.ch_mult) != len(self.decoder.ch_mult):
-            raise ValueError("decoder.ch_mult must have as many levels as encoder.ch_mult")
-        for key in ("latent_mean", "latent_std"):
-            value = getattr(self, key)
-            if value is not None and len(value) != self.z_channels:
-                raise ValueError(f"{key} needs {self.z_channels} values (one per latent channel), got {len(value)}")
-        if self.latent_std is not None and any(s <= 0 for s in self.latent_std):
-            raise ValueError("latent_std values must be > 0")
+    def validate(self, prefix: str = "") -> None:
+        def key(name: str) -> str:
+            return join_key(prefix, name)
+
+        self.encoder.validate(key("encoder"))
+        self.decoder.validate(key("decoder"))
+        check(self.encoder.z_channels == self.decoder.z_channels, key("decoder.z_channels"),
+              f"({self.decoder.z_channels}) must equal {key('encoder.z_channels')} ({self.encoder.z_channels})")
+        check(sum(map(bool, self.encoder.temporal_downsample)) == sum(map(bool, self.decoder.temporal_upsample)),
+              key("decoder.temporal_upsample"), f"must undo as many time halvings as {key('encoder.temporal_downsample')}")
+        check(len(self.encoder.ch_mult) == len(self.decoder.ch_mult), key("decoder.ch_mult"),
+              f"must have as many levels as {key('encoder.ch_mult')}")
+        for name in ("latent_mean", "latent_std"):
+            value = getattr(self, name)
+            check(value is None or len(value) == self.z_channels, key(name),
+                  f"needs {self.z_channels} values (one per latent channel), got {None if value is None else len(value)}")
+        check(self.latent_std is None or all(s > 0 for s in self.latent_std), key("latent_std"),
+              "values must be > 0")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

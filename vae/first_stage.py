@@ -14,11 +14,12 @@ from typing import Optional
 import torch
 from torch import nn
 
+from infra.config import check, join_key
+from infra.dtypes import torch_dtype
 from vae.inference import InferenceConfig, decode_latents, encode_video
 from vae.model import SSVAE
 
 FIRST_STAGE_KINDS = ("ssvae", "wan", "cogvideox")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -38,23 +39,21 @@ class FirstStageConfig:
     # applied after encode, undone before decode. Empty: none.
     latent_transform: str = ""
 
-    def validate(self) -> None:
-        if self.kind not in FIRST_STAGE_KINDS:
-            raise ValueError(f"first_stage.kind must be one of {FIRST_STAGE_KINDS}, got {self.kind!r}")
-        if not self.path:
-            raise ValueError("first_stage.path must name a local folder")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"first_stage.dtype must be one of {tuple(_DTYPES)}, got {self.dtype!r}")
-        if self.chunk_latent_frames is not None and self.chunk_latent_frames < 1:
-            raise ValueError(f"first_stage.chunk_latent_frames must be >= 1 or None, got {self.chunk_latent_frames}")
-        if self.tile_size is not None and not 0 <= self.tile_overlap < self.tile_size:
-            raise ValueError(f"first_stage.tile_overlap must be in [0, tile_size), got {self.tile_overlap}")
-        if self.latent_transform and not Path(self.latent_transform).is_file():
-            raise ValueError(f"first_stage.latent_transform: {self.latent_transform} is not a file")
+    def validate(self, prefix: str = "first_stage") -> None:
+        """Values only: whether the folders exist is checked when the stage is loaded (``load_first_stage``), so a
+        study can validate a run whose first stage is still to be trained."""
+        check(self.kind in FIRST_STAGE_KINDS, join_key(prefix, "kind"),
+              f"must be one of {FIRST_STAGE_KINDS}, got {self.kind!r}")
+        check(bool(self.path), join_key(prefix, "path"), "must name a local folder")
+        torch_dtype(self.dtype, join_key(prefix, "dtype"))
+        check(self.chunk_latent_frames is None or self.chunk_latent_frames >= 1, join_key(prefix, "chunk_latent_frames"),
+              f"must be >= 1 or None, got {self.chunk_latent_frames}")
+        check(self.tile_size is None or 0 <= self.tile_overlap < self.tile_size, join_key(prefix, "tile_overlap"),
+              f"must be in [0, tile_size), got {self.tile_overlap}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return torch_dtype(self.dtype, "first_stage.dtype")
 
 
 class FirstStage(nn.Module):
@@ -206,7 +205,7 @@ class CogVideoXFirstStage(_DiffusersFirstStage):
 def _local_folder(path: str) -> Path:
     folder = Path(path)
     if not folder.is_dir():
-        raise FileNotFoundError(f"first-stage folder {folder} not found (only local folders are loaded)")
+        raise FileNotFoundError(f"first_stage.path: folder {folder} not found (only local folders are loaded)")
     return folder
 
 
@@ -217,6 +216,8 @@ def load_first_stage(config: FirstStageConfig, device: torch.device | str | None
         return stage
     from vae.latent_transform import load_latent_transform
 
+    if not Path(config.latent_transform).is_file():
+        raise FileNotFoundError(f"first_stage.latent_transform: {config.latent_transform} is not a file")
     transform = load_latent_transform(config.latent_transform)
     return TransformedFirstStage(stage, transform.to(device) if device is not None else transform)
 

@@ -123,6 +123,11 @@ def lcr_penalty(avg_corr: torch.Tensor, thresh: float) -> torch.Tensor:
     return F.relu(thresh - avg_corr)
 
 
+def weighted_lcr(penalty: torch.Tensor, factor: torch.Tensor | float, config: LCRConfig) -> torch.Tensor:
+    """The LCR term added to the loss: 0.1 * weight * adaptive factor * penalty (the released loss's scaling)."""
+    return LCR_WEIGHT_SCALE * config.weight * factor * penalty
+
+
 def lcr_loss(avg_corr: torch.Tensor, nll: torch.Tensor, encoder_last_layer: torch.Tensor,
              config: LCRConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The weighted LCR term and its adaptive factor (both 0-dim tensors; the factor is detached).
@@ -135,4 +140,4 @@ def lcr_loss(avg_corr: torch.Tensor, nll: torch.Tensor, encoder_last_layer: torc
     if not bool(penalty.detach() > 0):
         return penalty * 0.0, torch.zeros((), device=penalty.device)
     factor = adaptive_weight(nll, penalty, encoder_last_layer, config.max_adaptive_weight, aux_name="LCR")
-    return LCR_WEIGHT_SCALE * config.weight * factor * penalty, factor
+    return weighted_lcr(penalty, factor, config), factor

@@ -25,7 +25,7 @@ import torch.nn as nn
 from vae.adaptive_weight import adaptive_weight
 from vae.discriminator import (DiscriminatorConfig, ImageVideoDiscriminator, hinge_discriminator_loss,
                                hinge_generator_loss)
-from vae.lcr import LCR_WEIGHT_SCALE, LCRConfig, lcr_loss, lcr_penalty, local_correlation
+from vae.lcr import LCRConfig, lcr_loss, lcr_penalty, local_correlation, weighted_lcr
 from vae.lmr import LMRConfig, apply_lmr
 
 
@@ -191,7 +191,7 @@ class SSVAELoss(nn.Module):
         if adaptive:
             term, factor = lcr_loss(corr["avg_corr"], nll, encoder_last_layer, config)
             return corr, term, factor
-        term = LCR_WEIGHT_SCALE * config.weight * lcr_penalty(corr["avg_corr"], config.thresh)
+        term = weighted_lcr(lcr_penalty(corr["avg_corr"], config.thresh), 1.0, config)
         return corr, term, torch.ones_like(zero)
 
     def generator_loss(self, inputs: torch.Tensor, reconstructions: torch.Tensor, posterior: Any, step: int,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from infra.config import DeepSpeedConfig, OptimizerConfig, RunConfig, check
+from infra.config import DeepSpeedConfig, OptimizerConfig, RunConfig, check, join_key
 from infra.data.config import DataConfig
 from infra.metrics.lpips import LPIPSConfig
 from vae.config import SSVAEConfig
@@ -49,8 +49,23 @@ class VAETrainConfig:
     init_from: str = ""
 
     def validate(self, prefix: str = "") -> None:
-        check(bool(self.data.video_roots or self.data.image_roots), "data.video_roots",
+        def key(name: str) -> str:
+            return join_key(prefix, name)
+
+        check(bool(self.data.video_roots or self.data.image_roots), key("data.video_roots"),
               "name at least one shard folder in data.video_roots or data.image_roots")
+        # Clip shapes the model can encode: checked here, not when the first batch fails to.
+        sc, tc = self.model.spatial_compression, self.model.temporal_compression
+        shapes = [("data", self.data.num_frames, self.data.height, self.data.width)] + [
+            (f"data.buckets[{i}]", b.frames, b.height, b.width) for i, b in enumerate(self.data.buckets)]
+        for where, frames, height, width in shapes:
+            for name, value in (("height", height), ("width", width)):
+                check(value % sc == 0, key(f"{where}.{name}"),
+                      f"must be a multiple of the model's spatial compression ({sc}), got {value}")
+            check((frames - 1) % tc == 0, key(f"{where}.num_frames" if where == "data" else f"{where}.frames"),
+                  f"must be 1 + {tc}k for the model's temporal compression, got {frames}")
+        check(self.data.resize % sc == 0, key("data.resize"),
+              f"must be a multiple of the model's spatial compression ({sc}), got {self.data.resize}")
         if self.loss.lcr.enabled:
-            check(not self.model.encoder.frozen, "loss.lcr.enabled",
+            check(not self.model.encoder.frozen, key("loss.lcr.enabled"),
                   "LCR trains the encoder; it must be off when model.encoder.frozen is true (stage 2)")

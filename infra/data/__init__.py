@@ -6,5 +6,5 @@ Import from the modules (kept out of this file so ``import infra.data`` stays ch
 - ``infra.data.dataset``: ``build_loader(cfg, rank, world_size, seed, start_batch)``, ``ShardBatchDataset``
 - ``infra.data.eval_clips``: ``load_eval_clips(roots, n, ...)``
 - ``infra.data.skips``: ``SkipTotals`` (adds up the skip counts batches carry)
-- ``infra.data.shard_writer``: ``ShardWriter``, ``encode_mp4``, ``encode_image``
+- ``infra.data.shard_writer``: ``ShardWriter``, ``encode_image`` (mp4s: ``infra.video_io.encode_mp4``)
 """

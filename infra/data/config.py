@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from infra.config import check, join_key
+
 DECODERS = ("decord", "pyav")
 CROPS = ("center", "random")
 
@@ -20,11 +22,10 @@ class BucketConfig:
     batch_size: int
 
     def validate(self, prefix: str = "bucket") -> None:
-        if self.frames < 1 or (self.frames - 1) % 4:
-            raise ValueError(f"{prefix}.frames must be 1 + 4k, got {self.frames}")
+        check(self.frames >= 1 and (self.frames - 1) % 4 == 0, join_key(prefix, "frames"),
+              f"must be 1 + 4k, got {self.frames}")
         for name in ("height", "width", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{prefix}.{name} must be >= 1, got {getattr(self, name)}")
+            check(getattr(self, name) >= 1, join_key(prefix, name), f"must be >= 1, got {getattr(self, name)}")
 
     @property
     def aspect(self) -> float:
@@ -70,34 +71,30 @@ class DataConfig:
         # YAML gives buckets as plain mappings; accept them so a config file can list buckets inline.
         self.buckets = [b if isinstance(b, BucketConfig) else BucketConfig(**dict(b)) for b in self.buckets]
 
-    def validate(self) -> None:
-        if self.num_frames < 1 or (self.num_frames - 1) % 4:
-            raise ValueError(f"num_frames must be 1 + 4k (1, 5, 9, 13, 17, ...), got {self.num_frames}")
-        if not self.fps > 0:
-            raise ValueError(f"fps must be > 0, got {self.fps}")
+    def validate(self, prefix: str = "data") -> None:
+        def key(name: str) -> str:
+            return join_key(prefix, name)
+
+        check(self.num_frames >= 1 and (self.num_frames - 1) % 4 == 0, key("num_frames"),
+              f"must be 1 + 4k (1, 5, 9, 13, 17, ...), got {self.num_frames}")
+        check(self.fps > 0, key("fps"), f"must be > 0, got {self.fps}")
         for name in ("height", "width", "image_batch_size", "video_batch_size", "prefetch_factor"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.resize < 0 or (self.resize and self.resize < max(min(self.height, self.width), 1)):
-            raise ValueError(f"resize must be 0 or at least the crop's short side ({min(self.height, self.width)}), "
-                             f"got {self.resize}")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
-        if self.crop not in CROPS:
-            raise ValueError(f"crop must be one of {CROPS}, got {self.crop!r}")
-        if self.decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
-        if not 0.0 <= self.image_prob <= 1.0:
-            raise ValueError(f"image_prob must be in [0, 1], got {self.image_prob}")
-        if self.image_prob > 0 and not split_roots(self.image_roots):
-            raise ValueError("image_roots must name at least one root when image_prob > 0")
-        if self.image_prob < 1 and not split_roots(self.video_roots):
-            raise ValueError("video_roots must name at least one root when image_prob < 1")
+            check(getattr(self, name) >= 1, key(name), f"must be >= 1, got {getattr(self, name)}")
+        check(self.resize == 0 or self.resize >= min(self.height, self.width), key("resize"),
+              f"must be 0 or at least the crop's short side ({min(self.height, self.width)}), got {self.resize}")
+        check(self.num_workers >= 0, key("num_workers"), f"must be >= 0, got {self.num_workers}")
+        check(self.crop in CROPS, key("crop"), f"must be one of {CROPS}, got {self.crop!r}")
+        check(self.decoder in DECODERS, key("decoder"), f"must be one of {DECODERS}, got {self.decoder!r}")
+        check(0.0 <= self.image_prob <= 1.0, key("image_prob"), f"must be in [0, 1], got {self.image_prob}")
+        check(self.image_prob == 0 or bool(split_roots(self.image_roots)), key("image_roots"),
+              "must name at least one root when image_prob > 0")
+        check(self.image_prob == 1 or bool(split_roots(self.video_roots)), key("video_roots"),
+              "must name at least one root when image_prob < 1")
         for i, bucket in enumerate(self.buckets):
-            bucket.validate(f"buckets[{i}]")
+            bucket.validate(key(f"buckets[{i}]"))
         shapes = [(b.frames, b.height, b.width) for b in self.buckets]
-        if len(set(shapes)) != len(shapes):
-            raise ValueError(f"buckets must have distinct (frames, height, width), got {shapes}")
+        check(len(set(shapes)) == len(shapes), key("buckets"), f"must have distinct (frames, height, width), got "
+                                                                f"{shapes}")
 
     def video_buckets(self) -> list[BucketConfig]:
         own = [b for b in self.buckets if b.frames > 1]

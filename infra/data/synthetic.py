@@ -19,6 +19,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from infra.config import check, join_key
+
 # Bright foreground palette, RGB 0-255. Pairwise distances are >= 0.33 in [0, 1] RGB.
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -96,29 +98,25 @@ class SyntheticConfig:
     motions: tuple[str, ...] = MOTIONS
     textures: tuple[str, ...] = TEXTURES
 
-    def validate(self) -> None:
+    def validate(self, prefix: str = "") -> None:
+        """``prefix``: where these fields sit in a run config (the study's ``data.default``), "" standalone."""
         for name in ("width", "height", "frames"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.fps > 0:
-            raise ValueError(f"fps must be > 0, got {self.fps}")
-        if not 0 < self.min_radius <= self.max_radius <= 0.25:
-            raise ValueError(f"min_radius/max_radius must satisfy 0 < min <= max <= 0.25, got "
-                             f"{self.min_radius}/{self.max_radius}")
-        if not 0 < self.min_travel <= self.max_travel:
-            raise ValueError(f"min_travel must be > 0 and <= max_travel, got {self.min_travel}/{self.max_travel}")
+            check(getattr(self, name) >= 1, join_key(prefix, name), f"must be >= 1, got {getattr(self, name)}")
+        check(self.fps > 0, join_key(prefix, "fps"), f"must be > 0, got {self.fps}")
+        check(0 < self.min_radius <= self.max_radius <= 0.25, join_key(prefix, "min_radius/max_radius"),
+              f"must satisfy 0 < min <= max <= 0.25, got {self.min_radius}/{self.max_radius}")
+        check(0 < self.min_travel <= self.max_travel, join_key(prefix, "min_travel/max_travel"),
+              f"must satisfy 0 < min <= max, got {self.min_travel}/{self.max_travel}")
         # A trip along an axis covers max_travel; the shape (and its 0.02 margin) must still fit beside it.
-        if self.max_travel + 2 * (self.max_radius + 0.02) > 1.0:
-            raise ValueError(f"max_travel {self.max_travel} is too long for max_radius {self.max_radius}")
-        if not self.growth > 1:
-            raise ValueError(f"growth must be > 1, got {self.growth}")
+        check(self.max_travel + 2 * (self.max_radius + 0.02) <= 1.0, join_key(prefix, "max_travel"),
+              f"{self.max_travel} is too long for max_radius {self.max_radius}")
+        check(self.growth > 1, join_key(prefix, "growth"), f"must be > 1, got {self.growth}")
         for name, known in (("shapes", SHAPES), ("colors", tuple(COLORS)), ("motions", MOTIONS),
                             ("textures", TEXTURES)):
             chosen = getattr(self, name)
             unknown = [c for c in chosen if c not in known]
-            if not chosen or unknown or len(set(chosen)) != len(chosen):
-                raise ValueError(f"{name} must be a non-empty subset of {list(known)} without repeats, got "
-                                 f"{list(chosen)}")
+            check(bool(chosen) and not unknown and len(set(chosen)) == len(chosen), join_key(prefix, name),
+                  f"must be a non-empty subset of {list(known)} without repeats, got {list(chosen)}")
 
 
 # Every field but the clip geometry: what a data set's scene is drawn from.
@@ -331,12 +329,18 @@ def caption(truth: dict, rng: np.random.Generator) -> str:
                            texture=TEXTURE_ADJECTIVE[background["texture"]], bg=background["color"])
 
 
+def make_caption(seed: int, index: int, cfg: SyntheticConfig, video: bool = True) -> tuple[str, dict]:
+    """(caption, truth) of sample ``index`` of the set drawn from ``seed``, without rendering it: exactly what
+    ``make_sample`` gives (rendering draws from the truth's own seed, not from the sample's generator)."""
+    rng = np.random.default_rng([seed, int(video), index])
+    truth = sample_truth(rng, cfg, video=video)
+    return caption(truth, rng), truth
+
+
 def make_sample(seed: int, index: int, cfg: SyntheticConfig, video: bool = True) -> tuple[np.ndarray, str, dict]:
     """Sample ``index`` of the set drawn from ``seed``: (frames uint8 (T, H, W, 3), caption, truth).
 
     Each sample has its own generator, so any sample can be rebuilt without rendering the others.
     """
-    rng = np.random.default_rng([seed, int(video), index])
-    truth = sample_truth(rng, cfg, video=video)
-    frames = render(truth, cfg.height, cfg.width, cfg.frames if video else 1)
-    return frames, caption(truth, rng), truth
+    text, truth = make_caption(seed, index, cfg, video)
+    return render(truth, cfg.height, cfg.width, cfg.frames if video else 1), text, truth

@@ -24,12 +24,15 @@ def crop_box(src_h: int, src_w: int, height: int, width: int, uy: float, ux: flo
     return top, left, h, w
 
 
-def frames_to_tensor(frames: np.ndarray, height: int, width: int, uy: float = 0.5, ux: float = 0.5,
-                     resize: int = 0) -> torch.Tensor:
-    """uint8 frames (T, H, W, 3) -> float (3, T, height, width) in [-1, 1], resized to cover (or to a short side of
-    ``resize``) then cropped."""
+def frames_to_tensor(frames: np.ndarray, height: int | None = None, width: int | None = None, uy: float = 0.5,
+                     ux: float = 0.5, resize: int = 0) -> torch.Tensor:
+    """uint8 frames (T, H, W, 3) -> float (3, T, height, width) in [-1, 1] (the layout and range every model here
+    takes), resized to cover (or to a short side of ``resize``) then cropped; ``height``/``width`` None keep the
+    frames' own size."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+    height = frames.shape[1] if height is None else height
+    width = frames.shape[2] if width is None else width
     top, left, h, w = crop_box(frames.shape[1], frames.shape[2], height, width, uy, ux, resize)
     window = frames[:, top:top + h, left:left + w]
     if not (window.flags.c_contiguous and window.flags.writeable):  # PIL hands out read-only arrays

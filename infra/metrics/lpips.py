@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from infra import safe_pickle
+from infra.config import check, join_key
 from infra.assets import asset_path
 
 # (out_channels, kernel, stride, padding) per conv, "M" for a max pool, as in torchvision's features.
@@ -36,11 +37,10 @@ class LPIPSConfig:
     net: str = "vgg"  # "alex" for the metric, "vgg" for the VAE's perceptual loss
     pretrained: bool = True  # False: random weights, for tests of modules that only need the shape
 
-    def validate(self) -> None:
-        if self.net not in _LAYOUTS:
-            raise ValueError(f"lpips.net must be one of {sorted(_LAYOUTS)}, got {self.net!r}")
-        if not isinstance(self.pretrained, bool):
-            raise ValueError(f"lpips.pretrained must be a bool, got {self.pretrained!r}")
+    def validate(self, prefix: str = "lpips") -> None:
+        check(self.net in _LAYOUTS, join_key(prefix, "net"), f"must be one of {sorted(_LAYOUTS)}, got {self.net!r}")
+        check(isinstance(self.pretrained, bool), join_key(prefix, "pretrained"),
+              f"must be a bool, got {self.pretrained!r}")
 
 
 def _features(layout: list) -> nn.Sequential:

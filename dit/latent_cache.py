@@ -1,0 +1,268 @@
+"""The latent cache of DiT training, written and read here: a shard data set encoded once by the frozen first stage
+and text encoder, then read back as resumable batches with the data loader's start_batch contract.
+
+Writing (``cache_latents``; command line: ``python -m tools.cache_latents``): the run config names everything, the
+videos (``data.video_roots``), the clip cut from each (``data.num_frames`` at ``data.fps``, ``data.height`` x
+``data.width``, from the first frame, centre crop), the first stage (its ``encode`` normalises latents by the VAE's
+statistics) and the text encoder. Each source shard becomes one part, written atomically; parts already written are
+skipped, so an interrupted run resumes where it stopped, and a folder holding a cache made with other settings is
+refused rather than mixed. ``transform_cache`` re-expresses a cache through a latent transform without encoding
+anything again.
+
+A cache folder holds, per source shard ``i`` (in ``infra.data`` shard order)::
+
+    part-NNNNNN.safetensors   "<j>/latents" (C, F, h, w) normalised first-stage latents of the shard's j-th sample,
+                              "<j>/text_states" (L, D) and "<j>/text_mask" (L,) of its caption, padding included
+    part-NNNNNN.jsonl         line j: {"key", "caption", "meta"} (the source meta line, ground truth included)
+    manifest.json             what made the cache (first stage, text encoder, clip shape, source roots)
+    COMPLETE                  written last; a cache without it is refused
+
+Batches follow the same plan as ``infra.data.build_loader`` with one video bucket: step ``s`` on rank ``r`` takes the
+slot ``BucketStream(seed, 0, pool).slot(s, r, world_size, batch_size)``. Cached samples keep the source order, so a run
+on cached latents sees the samples an on-the-fly run with the same seed sees (when every sample was cached, and the
+clips do not depend on the step's random start frame, i.e. clips as long as the videos).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from infra.data.dataset import ClipRequest, load_or_skip
+from infra.data.sampling import BucketStream
+from infra.data.shard_index import ShardReader, find_shards, index_shards
+from infra.data.skips import SkipCounter
+from infra.dtypes import DTYPES, torch_dtype
+from vae.latent_transform import load_latent_transform
+
+from .runtime import build_first_stage, build_frozen_text_encoder, encode_text
+
+log = logging.getLogger("dit.latent_cache")
+
+MANIFEST = "manifest.json"
+COMPLETE = "COMPLETE"
+FIELDS = ("latents", "text_states", "text_mask")
+CACHE_DTYPES = ("float32", "bfloat16")  # what a cache may store its tensors as
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:06d}"
+
+
+def tensor_name(sample: int, field: str) -> str:
+    return f"{sample}/{field}"
+
+
+def read_manifest(root: str | Path) -> dict:
+    root = Path(root)
+    if not (root / COMPLETE).is_file():
+        raise FileNotFoundError(f"latent cache {root} is incomplete or missing (no {COMPLETE} file); "
+                                f"run tools.cache_latents (dit.latent_cache.cache_latents) to finish it")
+    return json.loads((root / MANIFEST).read_text())
+
+
+class LatentCache:
+    """Random access to the samples of a complete cache, in source order."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        self.entries: list[tuple[Path, int, dict]] = []
+        for lines in sorted(self.root.glob("part-*.jsonl")):
+            tensors = lines.with_suffix(".safetensors")
+            for j, line in enumerate(lines.read_text().splitlines()):
+                self.entries.append((tensors, j, json.loads(line)))
+        if not self.entries:
+            raise ValueError(f"latent cache {self.root} holds no samples")
+        self._open: dict[Path, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def load(self, index: int) -> dict:
+        path, j, line = self.entries[index]
+        if path not in self._open:  # memory-mapped, opened once per worker
+            self._open[path] = safe_open(str(path), framework="pt")
+        handle = self._open[path]
+        sample = {f: handle.get_tensor(tensor_name(j, f)) for f in FIELDS}
+        return {**sample, "caption": line["caption"], "meta": line["meta"]}
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack samples (text states all have the encoder's max_length: it pads every prompt to it)."""
+    stacked = {f: torch.stack([s[f] for s in samples]) for f in FIELDS}
+    stacked["text_mask"] = stacked["text_mask"].bool()
+    return {**stacked, "caption": [s["caption"] for s in samples], "meta": [s["meta"] for s in samples]}
+
+
+class LatentBatchDataset(IterableDataset):
+    """Endless batches for one rank from ``start_batch`` on; batch ``k`` depends only on (seed, k, rank)."""
+
+    def __init__(self, root: str | Path, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 start_batch: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        self.cache = LatentCache(root)
+        self.batch_size, self.rank, self.world_size, self.start_batch = batch_size, rank, world_size, start_batch
+        # Bucket 0 of the shard loader's plan: the same permutations, hence the same samples per step.
+        self.stream = BucketStream(seed, 0, range(len(self.cache)))
+
+    def batch(self, step: int) -> dict:
+        indices = self.stream.slot(step, self.rank, self.world_size, self.batch_size)
+        return {**collate([self.cache.load(i) for i in indices]), "kind": "video", "step": step, "skips": {}}
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        step = self.start_batch + worker
+        while True:
+            yield self.batch(step)
+            step += num_workers
+
+
+def build_latent_loader(root: str | Path, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                        start_batch: int = 0, num_workers: int = 0) -> DataLoader:
+    """The DataLoader for one rank; its ``i``-th batch is batch ``start_batch + i`` of the run."""
+    dataset = LatentBatchDataset(root, batch_size, rank, world_size, seed, start_batch)
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers)
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+def _manifest(cfg, dtype: str) -> dict:
+    d = cfg.data
+    return {"version": 1, "video_roots": d.video_roots, "decoder": d.decoder,
+            "clip": {"frames": d.num_frames, "height": d.height, "width": d.width, "fps": d.fps},
+            "first_stage": dataclasses.asdict(cfg.first_stage), "text_encoder": dataclasses.asdict(cfg.text_encoder),
+            "dtype": dtype}
+
+
+def _check_manifest(out: Path, manifest: dict) -> None:
+    path = out / MANIFEST
+    if path.is_file():
+        existing = json.loads(path.read_text())
+        if existing != manifest:
+            raise ValueError(f"{out} holds a latent cache made with other settings ({existing}); choose another --out")
+    else:
+        path.write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def _write_part(out: Path, index: int, tensors: dict[str, torch.Tensor], lines: list[dict]) -> None:
+    stem = out / part_name(index)
+    tmp = stem.with_suffix(".safetensors.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, stem.with_suffix(".safetensors"))
+    tmp = stem.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    os.replace(tmp, stem.with_suffix(".jsonl"))  # last: its presence marks the part as done
+
+
+def _part_done(out: Path, index: int) -> bool:
+    stem = out / part_name(index)
+    return stem.with_suffix(".jsonl").is_file() and stem.with_suffix(".safetensors").is_file()
+
+
+def cache_latents(cfg, out: str | Path, batch_size: int = 4, dtype: str = "float32",
+                  device: torch.device | str | None = None, show_progress: bool = True) -> Path:
+    """Write (or finish writing) the latent cache of ``cfg``'s video data into ``out``; returns ``out``."""
+    torch_dtype(dtype, "dtype", CACHE_DTYPES)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_manifest(out, _manifest(cfg, dtype))
+    if (out / COMPLETE).is_file():
+        return out
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    d = cfg.data
+    shards = [str(p) for p in find_shards(d.video_roots)]
+    skips, reader = SkipCounter(), ShardReader()
+    records = index_shards(d.video_roots, "video", skips)
+    todo = [i for i in range(len(shards)) if not _part_done(out, i)]
+    first_stage = text_encoder = None
+    request = ClipRequest(d.num_frames, d.height, d.width, d.fps)  # first frame, centre crop
+    bar = tqdm(total=len(records), desc="cache latents", unit="clip", disable=not show_progress)
+    bar.update(sum(1 for r in records if shards.index(r.shard) not in todo))
+    for index in todo:
+        if first_stage is None:  # built only when there is work left
+            first_stage, text_encoder = build_first_stage(cfg, device), build_frozen_text_encoder(cfg, device)
+        mine = [r for r in records if r.shard == shards[index]]
+        tensors, lines = {}, []
+        for start in range(0, len(mine), batch_size):
+            videos, captions, metas = [], [], []
+            for record in mine[start:start + batch_size]:
+                sample = load_or_skip(record, request, reader, d.decoder, skips)
+                if sample is None:
+                    continue
+                for items, item in zip((videos, captions, metas), sample):
+                    items.append(item)
+            bar.update(len(mine[start:start + batch_size]))
+            if not videos:
+                continue
+            latents = first_stage.encode(torch.stack(videos).to(device)).float().cpu()
+            states, mask = encode_text(text_encoder, captions, device)
+            for i in range(len(videos)):
+                # Text states are kept whole, padding included: a DiT trained as CogVideoX attends to all of them.
+                j = len(lines)
+                tensors[tensor_name(j, "latents")] = latents[i].to(DTYPES[dtype])
+                tensors[tensor_name(j, "text_states")] = states[i].cpu().to(DTYPES[dtype])
+                tensors[tensor_name(j, "text_mask")] = mask[i].cpu()
+                lines.append({"key": metas[i]["key"], "caption": captions[i], "meta": metas[i]})
+        _write_part(out, index, tensors, lines)
+    bar.close()
+    reader.close()
+    counts = skips.take()
+    if counts:
+        log.warning("samples skipped while caching (they are not in the cache): %s", counts)
+    (out / COMPLETE).write_text(json.dumps({"skips": counts}) + "\n")
+    return out
+
+
+def transform_cache(source: str | Path, out: str | Path, cfg, dtype: str | None = None) -> Path:
+    """Re-express a complete cache through ``cfg.first_stage.latent_transform`` without encoding anything again.
+
+    ``source`` must have been made with the same data, text encoder and first stage as ``cfg`` minus the transform;
+    every part is rewritten with transformed latents (what encoding through the transformed first stage gives) and
+    the same captions, text states and meta. Resumable and idempotent like ``cache_latents``.
+    """
+    source, out = Path(source), Path(out)
+    if not cfg.first_stage.latent_transform:
+        raise ValueError("transform_cache: cfg.first_stage.latent_transform names no transform")
+    made_with = read_manifest(source)
+    if made_with["first_stage"].get("latent_transform"):
+        raise ValueError(f"transform_cache: {source} was itself made through a latent transform")
+    manifest = _manifest(cfg, dtype or made_with["dtype"])
+    untransformed = {**manifest, "first_stage": {**manifest["first_stage"], "latent_transform": ""}}
+    if {k: v for k, v in made_with.items() if k != "dtype"} != {k: v for k, v in untransformed.items() if k != "dtype"}:
+        raise ValueError(f"transform_cache: {source} was made with other settings ({made_with}) than {untransformed}")
+    out.mkdir(parents=True, exist_ok=True)
+    _check_manifest(out, manifest)
+    if (out / COMPLETE).is_file():
+        return out
+    transform = load_latent_transform(cfg.first_stage.latent_transform)
+    parts = sorted(source.glob("part-*.jsonl"))
+    for lines_path in parts:
+        index = int(lines_path.stem.split("-")[1])
+        if _part_done(out, index):
+            continue
+        lines = [json.loads(line) for line in lines_path.read_text().splitlines()]
+        with safe_open(str(lines_path.with_suffix(".safetensors")), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        for j in range(len(lines)):
+            key = tensor_name(j, "latents")
+            z = tensors[key]
+            tensors[key] = transform(z.float()[None])[0].to(DTYPES[manifest["dtype"]])
+        _write_part(out, index, tensors, lines)
+    (out / COMPLETE).write_text((source / COMPLETE).read_text())
+    return out
