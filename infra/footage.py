@@ -17,7 +17,6 @@ from infra.assets import AssetError, asset_path
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
 
 CLIP_NAMES = ("bikes", "carphone_pristine", "carphone_distorted", "bigbuckbunny", "city")
 

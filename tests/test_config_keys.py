@@ -137,6 +137,13 @@ def test_deepspeed_refusing_its_section_names_deepspeed_extra():
         with pytest.raises(ConfigError, match=r"^deepspeed\.extra: .*reduce_bucket_size"):
             build_engine(torch.nn.Linear(2, 2), bad, OptimizerConfig(), 1)
     finally:
+        # build_engine joined a one-process group: leave none behind for the tests that start their own.
+        import deepspeed.comm.comm as ds_comm
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        ds_comm.cdb = None
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)

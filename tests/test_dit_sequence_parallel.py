@@ -48,7 +48,7 @@ def _check(positional_embedding: str, use_mask: bool) -> None:
 
 def test_ulysses_matches_single_process():
     os.environ["OMP_NUM_THREADS"] = "1"
-    mp.spawn(_worker, args=(freestr(free_port()),), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(),), nprocs=WORLD, join=True)
 
 
 def test_ulysses_forward_needs_enable():

@@ -83,7 +83,7 @@ def _check(backend: str, tp_group, positional_embedding: str, use_mask: bool) ->
 
 def _spawn(backend: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
-    mp.spawn(_worker, args=(freestr(free_port()), backend), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), backend), nprocs=WORLD, join=True)
 
 
 def test_torch_tensor_parallel_matches_single_process():
@@ -150,7 +150,7 @@ def _deepspeed_worker(rank: int, port: int) -> None:
 def test_deepspeed_zero2_with_tensor_parallel_matches_dense_step():
     pytest.importorskip("deepspeed")
     os.environ["OMP_NUM_THREADS"] = "1"
-    mp.spawn(_deepspeed_worker, args=(freestr(free_port()),), nprocs=WORLD, join=True)
+    mp.spawn(_deepspeed_worker, args=(free_port(),), nprocs=WORLD, join=True)
 
 
 def test_megatron_missing_says_how_to_install(monkeypatch):
@@ -176,7 +176,7 @@ def test_refuses_bad_backend_and_dropout():
     model = CogVideoXTransformer(DiTConfig.preset("tiny"))
     with pytest.raises(ValueError, match="backend"):
         apply_tensor_parallel(model, backend="deepspeed")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{freestr(free_port())}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         with pytest.raises(ValueError, match="dropout"):
             apply_tensor_parallel(CogVideoXTransformer(DiTConfig.preset("tiny", dropout=0.1)), backend="torch")

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_t2v_train import ENV, ROOT, _port, logged_losses, make_t2v_assets, read_frames
+from infra.distributed import free_port
+from test_t2v_train import ENV, ROOT, logged_losses, make_t2v_assets, read_frames
 
 STEPS = 3
 HAVE_MEGATRON = importlib.util.find_spec("megatron") is not None \
@@ -27,7 +28,7 @@ def _train(config, out, *overrides, nproc=1):
     if nproc == 1:
         cmd = [sys.executable, "-m", "dit.train", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port()}",
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
                "-m", "dit.train", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:

@@ -211,13 +211,14 @@ def _local_folder(path: str) -> Path:
 
 def load_first_stage(config: FirstStageConfig, device: torch.device | str | None = None) -> FirstStage:
     config.validate()
+    # The transform's file is checked first: it is cheap, and a missing one should not wait for a VAE to load.
+    if config.latent_transform and not Path(config.latent_transform).is_file():
+        raise FileNotFoundError(f"first_stage.latent_transform: {config.latent_transform} is not a file")
     stage = _load_base(config, device)
     if not config.latent_transform:
         return stage
     from vae.latent_transform import load_latent_transform
 
-    if not Path(config.latent_transform).is_file():
-        raise FileNotFoundError(f"first_stage.latent_transform: {config.latent_transform} is not a file")
     transform = load_latent_transform(config.latent_transform)
     return TransformedFirstStage(stage, transform.to(device) if device is not None else transform)
 
