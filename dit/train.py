@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from infra.config import ConfigError
 from infra.data.dataset import build_loader
+from infra.data.skips import skip_logs
 from infra.distributed import DistInfo, barrier
 from infra.ema import maybe_averaged
 from infra.trainer import EngineSpec, StepContext, TrainTask, run_training
@@ -157,7 +158,7 @@ class T2VTask(TrainTask):
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(mean)
             mean /= dist.get_world_size()
-        return {"loss": mean.item(), "captions_dropped": float((keep == 0).float().mean())}
+        return {"loss": mean.item(), "captions_dropped": float((keep == 0).float().mean()), **skip_logs(batch)}
 
     # ------------------------------------------------------------------------------------------- evaluation
     def evaluate(self, step: int, ctx: StepContext) -> dict[str, float]:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from infra.data.dataset import build_loader
+from infra.data.skips import skip_logs
 from infra.data.eval_clips import load_eval_clips
 from infra.distributed import DistInfo
 from infra.ema import maybe_averaged
@@ -97,7 +98,7 @@ class VAETask(TrainTask):
 
     def train_step(self, batch: dict, step: int, ctx: StepContext) -> dict[str, float]:
         x = batch["video"].to(ctx.device, non_blocking=True)
-        logs = {f"data/skipped_{k}": float(v) for k, v in batch.get("skips", {}).items()}
+        logs = skip_logs(batch)
         if self.loss.is_discriminator_step(step):
             recon = ctx.engine("autoencoder").module.reconstruct(x)
             loss, disc_logs = self.loss.discriminator_loss(x, recon, step)

@@ -14,6 +14,7 @@ A batch is a dict::
     kind     "image" | "video"
     step     the batch's index in the run (the data position to store is ``step + 1``)
     skips    {reason: count} of samples skipped while producing this batch; add them up with ``SkipTotals``
+    index_skips  (first batch after start only) {reason: count} of samples skipped while indexing the shards
 
 Bad samples (unreadable, truncated, too short) are replaced by a random sample of the same bucket, drawn from the
 batch's own generator, so the replacement is as deterministic as the rest.
@@ -21,6 +22,7 @@ batch's own generator, so the replacement is as deterministic as the rest.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,14 +31,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .buckets import assign_buckets, frame_offsets, frame_span, start_frame
 from .config import BucketConfig, DataConfig
-from .decode import TruncatedVideo, decode_image, image_size, open_video
+from .decode import NoVideoStream, TruncatedVideo, decode_image, image_size, open_video
 from .sampling import BatchSchedule, BucketStream, sample_rng
 from .shard_index import SampleRecord, ShardReader, index_shards
-from .skips import TOO_SHORT, TRUNCATED, UNREADABLE, SkipCounter
+from .skips import BAD_CAPTION, FPS_MISMATCH, TOO_SHORT, TRUNCATED, UNREADABLE, SkipCounter
 from .transforms import frames_to_tensor
 
 logger = logging.getLogger("infra.data")
 
+MAX_CAPTION_CHARS = 4096  # far beyond any text encoder's window (T5: 226 tokens); more is a broken file
 MAX_ATTEMPTS_PER_SAMPLE = 50  # consecutive failures to fill one slot before we conclude the data set is broken
 
 
@@ -62,19 +65,35 @@ class ClipRequest:
     resize: int = 0  # short side the frames are brought to before cropping (0: just cover height x width)
 
 
-def caption_of(record: SampleRecord, reader: ShardReader) -> str:
+def caption_of(record: SampleRecord, reader: ShardReader, skips: SkipCounter | None = None) -> str:
+    """The sample's ``.txt`` (else its meta line's ``caption``). Undecodable bytes are replaced and a caption over
+    ``MAX_CAPTION_CHARS`` is cut; either is counted (``bad_caption``), the sample kept."""
+    skips = skips if skips is not None else SkipCounter()
+    where = f"{record.shard}:{record.key}"
     if "txt" in record.files:
-        return reader.read(record, "txt").decode("utf-8", errors="replace").strip()
-    return str(record.meta.get("caption") or "")
+        raw = reader.read(record, "txt")
+        try:
+            caption = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            skips.skip(BAD_CAPTION, where, f"not UTF-8 ({e.reason} at byte {e.start}); undecodable bytes replaced")
+            caption = raw.decode("utf-8", errors="replace").strip()
+    else:
+        caption = str(record.meta.get("caption") or "")
+    if len(caption) > MAX_CAPTION_CHARS:
+        skips.skip(BAD_CAPTION, where, f"{len(caption)} characters, cut to {MAX_CAPTION_CHARS}")
+        caption = caption[:MAX_CAPTION_CHARS]
+    return caption
 
 
 def load_sample(record: SampleRecord, request: ClipRequest, reader: ShardReader,
-                decoder: str) -> tuple[torch.Tensor, str, dict]:
-    """Decode and cut one sample: (3, T, H, W) in [-1, 1], caption, meta. Raises ``SampleError`` for bad input."""
+                decoder: str, skips: SkipCounter | None = None) -> tuple[torch.Tensor, str, dict]:
+    """Decode and cut one sample: (3, T, H, W) in [-1, 1], caption, meta. Raises ``SampleError`` for bad input;
+    corrections that keep the sample (fps, caption) are counted in ``skips``."""
+    skips = skips if skips is not None else SkipCounter()
     try:
         data = reader.read(record, record.media_ext)
-        caption = caption_of(record, reader)
-    except OSError as e:
+        caption = caption_of(record, reader, skips)
+    except (OSError, EOFError) as e:  # EOFError: a member cut short by a truncated tar
         raise SampleError(UNREADABLE, repr(e)) from e
     meta = {**record.meta, "key": record.key, "shard": record.shard}
     if record.kind == "image":
@@ -86,13 +105,21 @@ def load_sample(record: SampleRecord, request: ClipRequest, reader: ShardReader,
         return (frames_to_tensor(frames, request.height, request.width, request.uy, request.ux, request.resize),
                 caption, meta)
 
-    source_fps = float(record.meta["fps"])
     try:
         source = open_video(data, decoder)
+    except NoVideoStream as e:
+        raise SampleError(UNREADABLE, str(e)) from e
     except Exception as e:  # decord and PyAV raise their own error types for corrupt data
         raise SampleError(UNREADABLE, repr(e)) from e
+    # Frames are located by the stream's own rate: a meta fps that disagrees would pick the wrong frames.
+    meta_fps, source_fps = float(record.meta["fps"]), source.fps if source.fps > 0 else float(record.meta["fps"])
+    promised = record.num_frames
+    if abs(source_fps - meta_fps) > 0.01 * source_fps:
+        skips.skip(FPS_MISMATCH, f"{record.shard}:{record.key}",
+                   f"meta line says {meta_fps:g} fps, the stream {source_fps:g} fps; the stream's is used")
+        promised = int(math.floor(float(record.meta["duration"]) * source_fps + 1e-6))
     try:
-        frames, start, indices = _cut(source, record.num_frames, source_fps, request)
+        frames, start, indices = _cut(source, promised, source_fps, request)
     finally:
         source.close()
     meta.update(start_frame=start, frame_indices=indices, source_fps=source_fps,
@@ -105,7 +132,7 @@ def load_or_skip(record: SampleRecord, request: ClipRequest, reader: ShardReader
                  skips: SkipCounter) -> tuple[torch.Tensor, str, dict] | None:
     """``load_sample``, or None with the sample counted in ``skips`` (by reason) when its input is bad."""
     try:
-        return load_sample(record, request, reader, decoder)
+        return load_sample(record, request, reader, decoder, skips)
     except SampleError as e:
         skips.skip(e.reason, f"{record.shard}:{record.key}", str(e))
         return None
@@ -204,9 +231,13 @@ class ShardBatchDataset(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         skips = SkipCounter()
+        first = worker == 0  # the first batch after (re)start carries what indexing skipped, once per rank
         for step, bucket, uses in self.schedule.iterate(self.start_batch, len(self.buckets)):
             if (step - self.start_batch) % num_workers == worker:
-                yield self.batch(step, bucket, uses, skips)
+                batch = self.batch(step, bucket, uses, skips)
+                if first:
+                    batch["index_skips"], first = dict(self.index_skips), False
+                yield batch
 
 
 def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0, start_batch: int = 0,

@@ -17,6 +17,10 @@ class TruncatedVideo(RuntimeError):
     """The file decoded, but ended before a requested frame."""
 
 
+class NoVideoStream(ValueError):
+    """The file opened, but holds no video stream (audio only, or another kind of container)."""
+
+
 class VideoSource:
     """An opened video. ``num_frames`` is the frame count the container announces (0 when it gives none)."""
 
@@ -37,7 +41,12 @@ class DecordSource(VideoSource):
     def __init__(self, data: bytes, threads: int = 1):
         import decord
 
-        self._reader = decord.VideoReader(io.BytesIO(data), num_threads=threads)
+        try:
+            self._reader = decord.VideoReader(io.BytesIO(data), num_threads=threads)
+        except decord.DECORDError as e:
+            if "video stream" in str(e).lower():
+                raise NoVideoStream("the file holds no video stream") from e
+            raise
         self.num_frames = len(self._reader)
         self.fps = float(self._reader.get_avg_fps())
 
@@ -57,6 +66,10 @@ class PyAVSource(VideoSource):
         import av
 
         self._container = av.open(io.BytesIO(data))
+        if not self._container.streams.video:
+            kinds = sorted({stream.type for stream in self._container.streams}) or ["no streams"]
+            self._container.close()
+            raise NoVideoStream(f"the file holds no video stream (it has: {', '.join(kinds)})")
         self._stream = self._container.streams.video[0]
         self._stream.thread_count = threads
         self.num_frames = int(self._stream.frames or 0)
@@ -113,11 +126,31 @@ def decode_all(data: bytes, decoder: str = "pyav", threads: int = 1) -> np.ndarr
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """jpg/png bytes -> uint8 (1, H, W, 3): an image is a 1-frame clip."""
+    """jpg/png bytes -> uint8 (1, H, W, 3): an image is a 1-frame clip. Images of more than 8 bits are scaled to 8,
+    not clipped (PIL's ``convert("RGB")`` would saturate a 16-bit PNG to white and a [0, 1] float image to black)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
+        if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+            return _wide_to_uint8(np.asarray(image), image.mode)[None]
         return np.asarray(image.convert("RGB"))[None]
+
+
+def _wide_to_uint8(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """A one-channel image of 16-bit, 32-bit integer or float pixels -> uint8 RGB (H, W, 3).
+
+    The range is taken from the type, as a viewer would: 16 bits are 0..65535; 32-bit integers are 0..65535 when they
+    fit (PIL opens 16-bit PNGs as "I" too), else 0..2^31-1; floats are 0..1 when they fit, else 0..255."""
+    x = pixels.astype(np.float64)
+    if mode.startswith("I;16"):
+        scale = 65535.0
+    elif mode == "I":
+        scale = 255.0 if x.max(initial=0) <= 255 else 65535.0 if x.max(initial=0) <= 65535 else 2.0**31 - 1
+    else:
+        x = np.nan_to_num(x)
+        scale = 1.0 if x.max(initial=0) <= 1.0 else 255.0
+    gray = np.clip(np.rint(x / scale * 255.0), 0, 255).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1)
 
 
 def image_size(data: bytes) -> tuple[int, int]:

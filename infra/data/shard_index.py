@@ -14,10 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import split_roots
-from .skips import BAD_META, MISSING_META, UNREADABLE_SHARD, ZERO_FPS, SkipCounter
+from .skips import BAD_META, BAD_META_LINE, MISSING_META, UNREADABLE_SHARD, ZERO_FPS, SkipCounter
 
 VIDEO_EXTS = ("mp4",)
 IMAGE_EXTS = ("jpg", "jpeg", "png")
+# The members a sample of ours may have; a name whose extension after the first dot is none of these but whose last
+# suffix is one has dots in its key ("clip.v2.mp4" is key "clip.v2").
+KNOWN_EXTS = VIDEO_EXTS + IMAGE_EXTS + ("txt", "id", "json")
 
 
 @dataclass(frozen=True)
@@ -73,35 +76,58 @@ def meta_path(shard: Path) -> Path:
 
 
 def _split_name(name: str) -> tuple[str, str]:
-    """WebDataset convention: the key is the path up to the first dot of the file name; the rest is the extension."""
+    """WebDataset convention: the key is the path up to the first dot of the file name; the rest is the extension.
+    A key with dots of its own is kept whole when only the last suffix is a member type we know (``KNOWN_EXTS``)."""
     directory, _, base = name.rpartition("/")
     stem, _, ext = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+    ext = ext.lower()
+    if ext not in KNOWN_EXTS and "." in ext and ext.rpartition(".")[2] in KNOWN_EXTS:
+        stem, _, ext = base.rpartition(".")
+        ext = ext.lower()
+    return (f"{directory}/{stem}" if directory else stem), ext
 
 
-def read_meta(shard: Path) -> dict[str, dict]:
+def read_meta(shard: Path, skips: SkipCounter | None = None) -> dict[str, dict]:
+    """The shard's meta lines by key. A line that is not UTF-8, not JSON, not an object or without ``"key"`` is
+    skipped and counted (``bad_meta_line``) under its file and line number; the rest of the file is still read."""
     path = meta_path(shard)
     if not path.exists():
         return {}
+    skips = skips if skips is not None else SkipCounter()
     out = {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8").strip()
+                if not line:
+                    continue
                 entry = json.loads(line)
-                out[str(entry["key"])] = entry
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                skips.skip(BAD_META_LINE, where, repr(e)[:200])
+                continue
+            if not isinstance(entry, dict) or "key" not in entry:
+                skips.skip(BAD_META_LINE, where, f"not a JSON object with a \"key\": {line[:80]!r}")
+                continue
+            out[str(entry["key"])] = entry
     return out
 
 
 def _scan_tar(shard: Path, skips: SkipCounter) -> dict[str, dict[str, Member]]:
     samples: dict[str, dict[str, Member]] = {}
     try:
+        size = shard.stat().st_size
         with tarfile.open(shard, "r:") as tar:
             for info in tar:
                 if info.isfile():
                     key, ext = _split_name(info.name)
+                    if info.offset_data + info.size > size:  # a truncated tar: the header is there, not the bytes
+                        skips.skip(UNREADABLE_SHARD, f"{shard}:{info.name}",
+                                   f"member ends at byte {info.offset_data + info.size}, the file at {size}")
+                        samples.pop(key, None)
+                        break
                     samples.setdefault(key, {})[ext] = Member(info.offset_data, info.size)
-    except (tarfile.TarError, OSError) as e:
+    except (tarfile.TarError, OSError, EOFError) as e:
         # Keep what was indexed before the damage; the damaged tail is reported.
         skips.skip(UNREADABLE_SHARD, str(shard), repr(e))
     return samples
@@ -134,7 +160,7 @@ def index_shards(roots: str | list[str], kind: str, skips: SkipCounter) -> list[
     exts = VIDEO_EXTS if kind == "video" else IMAGE_EXTS
     records = []
     for shard in find_shards(roots):
-        metas = read_meta(shard)
+        metas = read_meta(shard, skips)
         for key, files in _scan_tar(shard, skips).items():
             media_ext = next((e for e in exts if e in files), None)
             if media_ext is None:

@@ -21,7 +21,12 @@ TOO_SHORT = "too_short"  # a clip shorter than the span the batch shape needs
 UNREADABLE = "unreadable"  # a file the decoder cannot open or decode (corrupt, truncated)
 TRUNCATED = "truncated"  # the decoder delivered fewer frames than the clip announced
 UNREADABLE_SHARD = "unreadable_shard"  # a tar file that cannot be (fully) indexed
-REASONS = (MISSING_META, BAD_META, ZERO_FPS, TOO_SHORT, UNREADABLE, TRUNCATED, UNREADABLE_SHARD)
+BAD_META_LINE = "bad_meta_line"  # a meta.jsonl line that is not a UTF-8 JSON object with a "key"
+# Counted, but the sample is kept (corrected):
+FPS_MISMATCH = "fps_mismatch"  # the meta line's fps disagrees with the stream's; the stream's is used
+BAD_CAPTION = "bad_caption"  # a caption that is not UTF-8 (undecodable bytes replaced) or over MAX_CAPTION_CHARS (cut)
+REASONS = (MISSING_META, BAD_META, ZERO_FPS, TOO_SHORT, UNREADABLE, TRUNCATED, UNREADABLE_SHARD, BAD_META_LINE,
+           FPS_MISMATCH, BAD_CAPTION)
 
 
 class SkipCounter:
@@ -49,6 +54,14 @@ class SkipCounter:
         out = dict(self.counts)
         self.counts.clear()
         return out
+
+
+def skip_logs(batch: Mapping) -> dict[str, float]:
+    """What a trainer logs about a batch's data: ``data/skipped_<reason>`` for the skips that happened while it was
+    produced and, on the first batch after (re)start, ``data/index_skipped_<reason>`` for those found while indexing."""
+    logs = {f"data/skipped_{k}": float(v) for k, v in batch.get("skips", {}).items()}
+    logs.update({f"data/index_skipped_{k}": float(v) for k, v in batch.get("index_skips", {}).items()})
+    return logs
 
 
 class SkipTotals:
