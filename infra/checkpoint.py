@@ -8,17 +8,23 @@ Layout under ``<output_dir>/checkpoints``::
       tensors.safetensors   EMA weights and other tensors of the trainer (rank 0's), or, under model parallelism,
       tensors_rank<r>.safetensors   every rank's own (a TP group's ranks hold different EMA shards)
       rng_rank<r>.json      every rank's RNG states (python, numpy, torch)
+      MANIFEST.json         every other file's size and SHA-256
       COMPLETE              written last; a folder without it is not a checkpoint
     latest                  name of the newest complete checkpoint
 
 A checkpoint is written into ``.tmp-step_XXXXXX`` and renamed when complete, so a crash while saving never damages
-the last good checkpoint. Nothing is ever unpickled: our files are JSON and safetensors, and DeepSpeed's own files
-are read with ``torch.load(weights_only=True)``.
+the last good checkpoint. A checkpoint is resumed from only when its manifest verifies (``verify_checkpoint``); the
+trainer falls back to the newest one that does. Nothing is ever unpickled: our files are JSON and safetensors,
+DeepSpeed's own files are read with ``torch.load(weights_only=True)``, and DeepSpeed's recovery scripts (which
+unpickle) are not kept in the checkpoint: ``python -m infra.export_checkpoint`` is the safe export.
 """
 from __future__ import annotations
 
 import base64
+import errno
+import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -34,6 +40,74 @@ from infra.distributed import barrier
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 MARKER = "COMPLETE"
+MANIFEST = "MANIFEST.json"
+# DeepSpeed copies these into every checkpoint; they call torch.load(weights_only=False), so we never ship them.
+RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint can be resumed from; the message names each checkpoint's bad files."""
+
+
+class CheckpointDiskFull(OSError):
+    """Saving a checkpoint ran out of disk space; the message says where, how much, and the last good checkpoint."""
+
+
+# ------------------------------------------------------------------------------------------------- manifest
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _listed_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MARKER, MANIFEST))
+
+
+def write_manifest(folder: Path) -> dict:
+    """Record every file of the checkpoint folder (size and SHA-256) in ``MANIFEST.json``."""
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in _listed_files(folder)}
+    manifest = {"algorithm": "sha256", "files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def verify_checkpoint(folder: str | os.PathLike, hashes: bool = True) -> list[str]:
+    """What is wrong with a checkpoint folder, one line per bad file (empty when it verifies). ``hashes=False``
+    checks presence and sizes only (cheap)."""
+    folder = Path(folder)
+    if not (folder / MARKER).is_file():
+        return [f"{folder / MARKER}: missing (the checkpoint was never completed)"]
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        return [f"{folder / MANIFEST}: missing (a damaged checkpoint, or one written before manifests)"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"{folder / MANIFEST}: unreadable ({e!r})"]
+    problems = []
+    for name, entry in sorted(files.items()):
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        size = path.stat().st_size
+        if size != entry["size"]:
+            problems.append(f"{path}: {size} bytes, the manifest says {entry['size']} (truncated or replaced)")
+        elif hashes and _sha256(path) != entry["sha256"]:
+            problems.append(f"{path}: SHA-256 differs from the manifest (the bytes are damaged)")
+    return problems
+
+
+def _tree_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
 
 # ------------------------------------------------------------------------------------------------ RNG states
@@ -135,14 +209,20 @@ class CheckpointManager:
 
     def resolve(self, resume: str) -> Path | None:
         """``auto``: the newest complete checkpoint or None; ``none``: None; else a checkpoint folder that must exist."""
+        candidates = self.candidates(resume)
+        return candidates[0] if candidates else None
+
+    def candidates(self, resume: str) -> list[Path]:
+        """The checkpoints to try, in order: ``auto``: every complete one, newest first; ``none``: none; else the
+        named folder, which must be a complete checkpoint."""
         if resume == "none":
-            return None
+            return []
         if resume == "auto":
-            return self.latest()
+            return self.complete_checkpoints()[::-1]
         path = Path(resume)
         if not (path / MARKER).is_file():
             raise FileNotFoundError(f"run.resume={resume!r} is not a complete checkpoint (no {MARKER} file in it)")
-        return path
+        return [path]
 
     def save(self, step: int, engines: dict, trainer_state: dict, tensors: dict[str, torch.Tensor],
              per_rank: bool = False) -> Path:
@@ -150,25 +230,51 @@ class CheckpointManager:
         (model-parallel shards) and each is kept; else rank 0's stand for all."""
         final = self.path_for(step)
         tmp = self.root / f".tmp-{final.name}"
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        barrier()
-        for name, engine in engines.items():
-            engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
-        (tmp / f"rng_rank{self.rank}.json").write_text(json.dumps(rng_state()))
-        if per_rank:
-            save_file(_cpu(tensors), str(tmp / f"tensors_rank{self.rank}.safetensors"))
-        barrier()
-        if self.rank == 0:
-            self._finalize(tmp, final, step, trainer_state, None if per_rank else tensors)
+        try:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            barrier()
+            for name, engine in engines.items():
+                engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
+            (tmp / f"rng_rank{self.rank}.json").write_text(json.dumps(rng_state()))
+            if per_rank:
+                save_file(_cpu(tensors), str(tmp / f"tensors_rank{self.rank}.safetensors"))
+            barrier()
+            if self.rank == 0:
+                self._finalize(tmp, final, step, trainer_state, None if per_rank else tensors)
+        except Exception as e:
+            self._raise_if_disk_full(e, tmp, step)
+            raise
         barrier()
         return final
+
+    def _raise_if_disk_full(self, error: Exception, tmp: Path, step: int) -> None:
+        """Turn a failed save on a full disk (ENOSPC, or torch's bare 'iostream error') into an error that says so."""
+        free = shutil.disk_usage(self.root if self.root.exists() else self.root.parent).free
+        written = _tree_size(tmp)
+        last = self.latest()
+        needed = _tree_size(last) if last is not None else written
+        no_space = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error) or \
+            free < max(needed - written, 0) or free < (1 << 20)
+        if not no_space:
+            return
+        shutil.rmtree(tmp, ignore_errors=True)  # give the half-written checkpoint's space back
+        raise CheckpointDiskFull(
+            errno.ENOSPC,
+            f"disk full while saving checkpoint step {step} to {tmp}: it needs about {needed / 2**20:.1f} MiB "
+            f"(the size of the last checkpoint), {free / 2**20:.1f} MiB are free on that file system "
+            f"({written / 2**20:.1f} MiB were written, now removed); the last good checkpoint is "
+            f"{last if last is not None else 'none'}") from error
 
     def _finalize(self, tmp: Path, final: Path, step: int, trainer_state: dict, tensors: dict | None) -> None:
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         if tensors is not None:
             save_file(_cpu(tensors), str(tmp / "tensors.safetensors"))
+        for script in RECOVERY_SCRIPTS:
+            for path in tmp.rglob(script):
+                path.unlink()
+        write_manifest(tmp)
         _fsync_tree(tmp)
         with open(tmp / MARKER, "w") as f:
             f.write(f"{step}\n")
@@ -187,21 +293,33 @@ class CheckpointManager:
         """Collective: restore engines and this rank's RNG; return (trainer_state, tensors)."""
         with weights_only_loading():
             for name, engine in engines.items():
-                load_path, _ = engine.load_checkpoint(str(path), tag=name, load_lr_scheduler_states=False)
+                try:
+                    load_path, _ = engine.load_checkpoint(str(path), tag=name, load_lr_scheduler_states=False)
+                except Exception as e:  # DeepSpeed's bare asserts and torch's reader errors name no file
+                    raise CheckpointError(f"{path / name}: DeepSpeed could not load engine {name!r} ({e!r})") from e
                 if load_path is None:
                     raise FileNotFoundError(f"checkpoint {path} has no state for engine {name!r}")
         rng_file = path / f"rng_rank{self.rank}.json"
         if rng_file.is_file():  # absent when resuming on more ranks than saved: the RNG then starts fresh
-            set_rng_state(json.loads(rng_file.read_text()))
-        state = json.loads((path / "trainer_state.json").read_text())
+            set_rng_state(_read_json(rng_file))
+        state = _read_json(path / "trainer_state.json")
         own = path / f"tensors_rank{self.rank}.safetensors"
         if own.is_file():
             return state, load_file(str(own))
         if not (path / "tensors.safetensors").is_file():
             saved = len(list(path.glob("tensors_rank*.safetensors")))
+            if not saved:
+                raise FileNotFoundError(f"{path / 'tensors.safetensors'}: missing (the trainer's EMA and task tensors)")
             raise FileNotFoundError(f"checkpoint {path} holds per-rank trainer tensors (model parallelism) for "
                                     f"{saved} ranks and none for rank {self.rank}: resume with the same ranks")
         return state, load_file(str(path / "tensors.safetensors"))
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e!r})") from e
 
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

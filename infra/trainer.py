@@ -8,7 +8,7 @@ progress bar, evaluation hooks, atomic checkpoints and exact resume.
 from __future__ import annotations
 
 import logging
-import signal
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from infra.checkpoint import CheckpointManager
+from infra.checkpoint import CheckpointError, CheckpointManager, verify_checkpoint
+from infra.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch
 from infra.config import OptimizerConfig, load_config, save_config, to_dict
 from infra.distributed import DistInfo, all_true, init_distributed, parse_entry_args
 from infra.ema import EMA
@@ -109,7 +110,6 @@ class Trainer:
         self.logger = MetricLogger(self.run.output_dir, dist.is_main, self.run.tensorboard, self.run.wandb,
                                    self.run.wandb_project, to_dict(cfg))
         self.step, self.data_position = 0, 0
-        self._stop_signal = False
 
     # ------------------------------------------------------------------------------------------ state
     def _trainer_state(self) -> dict:
@@ -130,10 +130,29 @@ class Trainer:
             log.info("saved checkpoint %s", path)
 
     def restore(self) -> None:
-        path = self.ckpt.resolve(self.run.resume)
-        if path is None:
+        """Resume from the newest checkpoint that verifies and loads; say which were passed over and why."""
+        candidates = self.ckpt.candidates(self.run.resume)
+        if not candidates:
             return
-        state, tensors = self.ckpt.load(path, self.engines)
+        failures = []
+        for path in candidates:
+            # Rank 0 hashes the files; every rank then takes the same branch.
+            problems = verify_checkpoint(path, hashes=self.dist.is_main)
+            loaded = None
+            if all_true(not problems):
+                try:
+                    loaded = self.ckpt.load(path, self.engines)
+                except Exception as e:  # any unreadable file: fall back, naming it
+                    problems = [str(e)]
+            if all_true(loaded is not None):
+                break
+            failures.append((path, problems or ["another rank could not verify or load it"]))
+            log.error("checkpoint %s cannot be resumed from:\n  %s%s", path, "\n  ".join(failures[-1][1]),
+                      "\nfalling back to the previous one" if path != candidates[-1] else "")
+        else:
+            raise CheckpointError("no checkpoint verifies, so training does not resume from any:\n" + "\n".join(
+                f"  {path}:\n    " + "\n    ".join(problems) for path, problems in failures))
+        state, tensors = loaded
         self.step, self.data_position = state["step"], state["data_position"]
         self.ctx.skipped_nonfinite = state["skipped_nonfinite"]
         self.task.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("task.")})
@@ -147,7 +166,16 @@ class Trainer:
         self.restore()
         if self.dist.is_main:
             save_config(self.cfg, f"{self.run.output_dir}/config.yaml")
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)  # preemption: save, then stop
+        with PreemptionWatch() as watch:  # SIGTERM or a lost launcher: checkpoint, then stop
+            result = self._loop(watch)
+        if result is None:
+            return self._finish_preempted(watch.reason())
+        self.task.on_train_end(self.ctx)
+        self.logger.close()
+        return result
+
+    def _loop(self, watch: PreemptionWatch) -> dict[str, float] | None:
+        """Train to the end (returns the last evaluation) or until preempted (checkpoints, returns None)."""
         accum = self.cfg.deepspeed.gradient_accumulation_steps
         stop_at = min(self.run.max_steps, self.run.stop_after or self.run.max_steps)
         # A DataLoader iterator draws its base seed from the global RNG when created; keep that draw out of the
@@ -187,26 +215,30 @@ class Trainer:
                 last_eval = self._evaluate()
             if self.run.save_every and self.step % self.run.save_every == 0:
                 self.save()
-            if not all_true(not self._stop_signal):
-                log.warning("SIGTERM received: checkpointing at step %d and stopping", self.step)
-                break
+            if self.step < stop_at and not all_true(watch.reason() is None):
+                log.warning("%s: checkpointing at step %d and stopping", watch.reason() or "another rank stopped",
+                            self.step)
+                if not (self.run.save_every and self.step % self.run.save_every == 0):
+                    self.save()
+                bar.close()
+                return None
         if not self.run.eval_every or self.step % self.run.eval_every:
             last_eval = self._evaluate()
         if not (self.run.save_every and self.step % self.run.save_every == 0):
             self.save()
         bar.close()
-        self.task.on_train_end(self.ctx)
-        self.logger.close()
-        signal.signal(signal.SIGTERM, previous)
         return last_eval
+
+    def _finish_preempted(self, reason: str | None) -> None:
+        self.logger.close()
+        raise Preempted(f"preempted at step {self.step} of {self.run.max_steps} ({reason or 'another rank stopped'}); "
+                        f"checkpoint saved under {self.ckpt.root}, no final export: run the same command again to "
+                        "resume")
 
     def _evaluate(self) -> dict[str, float]:
         metrics = {f"eval/{k}": v for k, v in self.task.evaluate(self.step, self.ctx).items()}
         self.logger.log(self.step, metrics)
         return metrics
-
-    def _on_sigterm(self, signum, frame) -> None:
-        self._stop_signal = True
 
 
 def _batch_size(batch: Any) -> int:
@@ -243,4 +275,8 @@ def run_training(schema: type, make_task: Callable[[Any, DistInfo], TrainTask], 
     task = make_task(cfg, dist)
     data_rank = dist.rank if task.data_parallel_rank is None else task.data_parallel_rank
     seed_everything(cfg.run.seed + 1000 * data_rank)
-    return Trainer(cfg, task, dist).fit()
+    try:
+        return Trainer(cfg, task, dist).fit()
+    except Preempted as e:
+        log.warning("%s", e)
+        sys.exit(EXIT_PREEMPTED)

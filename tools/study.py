@@ -34,11 +34,16 @@ from tqdm import tqdm
 
 from infra.config import ConfigError, load_config, save_config, to_dict
 from infra.distributed import free_port
+from infra.preemption import EXIT_PREEMPTED
 from tools.stages import StageResult, StageRunner
 from tools.study_config import StudyConfig, VariantConfig
 
 log = logging.getLogger("tools.study")
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class StagePreempted(RuntimeError):
+    """A child training was preempted: it checkpointed and will resume when the study runs again."""
 
 
 def _last_metrics(metrics_file: Path, prefix: str) -> dict:
@@ -145,6 +150,11 @@ class Study:
         tqdm.write(f"  {module}: log in {log_path}")
         with open(log_path, "a") as logfile:
             code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=logfile, stderr=subprocess.STDOUT).returncode
+        if code == EXIT_PREEMPTED:
+            # Not done: the stage's marker stays "running", so the next run of the study runs it again, and the
+            # training resumes from the checkpoint it saved.
+            raise StagePreempted(f"{' '.join(cmd)} was preempted (exit {code}) and saved a checkpoint; run the study "
+                                 f"again to resume it (log: {log_path})")
         if code != 0:
             tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
             raise RuntimeError(f"{' '.join(cmd)} failed with exit code {code}; end of {log_path}:\n{tail}")

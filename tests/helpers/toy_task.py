@@ -3,6 +3,7 @@
 Run as a script (python, torchrun or the deepspeed launcher): ``toy_task.py --config x.yaml key=value ...``.
 """
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ class ToyConfig:
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-2, warmup_steps=2, decay_steps=20))
     batch_size: int = 4
     nan_at_step: int = -1  # make the loss NaN at this step (tests the skip)
+    step_sleep: float = 0.0  # seconds per step, to leave time to signal a running training
 
 
 class ToyTask(TrainTask):
@@ -49,6 +51,8 @@ class ToyTask(TrainTask):
         if step == self.cfg.nan_at_step:
             loss = loss * float("nan")
         ctx.backward_and_step("model", loss)
+        if self.cfg.step_sleep:
+            time.sleep(self.cfg.step_sleep)
         mean = loss.detach().clone()
         if dist.is_initialized():
             dist.all_reduce(mean)
@@ -62,6 +66,10 @@ class ToyTask(TrainTask):
             err = ((ctx.engine("model")(x) - x @ self.target) ** 2).mean().item()
             ctx.engine("model").train()
         return {"mse": err}
+
+    def on_train_end(self, ctx):
+        if self.dist.is_main:  # the final export a finished run writes
+            (Path(self.cfg.run.output_dir) / "export.txt").write_text("done\n")
 
 
 if __name__ == "__main__":
