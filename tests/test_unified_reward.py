@@ -196,3 +196,55 @@ def test_cli_loads_a_local_folder(tmp_path, capsys):
     result = main(["--model", str(folder), "--videos", str(clips), "--meta", str(tmp_path / "m.meta.jsonl"),
                    "--num-frames", "2", "--dtype", "float32", "--max-new-tokens", "4"])
     assert result["num_unparseable"] == 2
+
+
+# ------------------------------------------------------------------------------------ tiny real Qwen3-VL (2.0)
+def tiny_qwen3_vl_generator(max_new_tokens=6):
+    """UnifiedReward 2.0's small models are Qwen3-VL: a tiny random one, 16-pixel patches, 64x64 frames."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = tiny_tokenizer()
+    ids = dict(zip(SPECIALS, tokenizer.convert_tokens_to_ids(SPECIALS)))
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=2048,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                          "mrope_interleaved": True},
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                           patch_size=16, deepstack_visual_indexes=[1], num_position_embeddings=16),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(0)
+    model = Qwen3VLForConditionalGeneration(config)
+    image_processor = Qwen2VLImageProcessorPil(patch_size=16, min_pixels=64 * 64, max_pixels=64 * 64)
+    return QwenVLGenerator(model, tokenizer, image_processor, max_new_tokens=max_new_tokens)
+
+
+def test_a_tiny_qwen3_vl_reward_model_loads_by_its_config_and_scores_end_to_end(tmp_path):
+    from infra.video_io import encode_mp4
+
+    generate = tiny_qwen3_vl_generator()
+    folder = tmp_path / "reward2"
+    for part in (generate.model, generate.tokenizer, generate.image_processor):
+        part.save_pretrained(folder)
+    loaded = QwenVLGenerator.from_pretrained(folder, dtype="float32", max_new_tokens=6)
+    assert type(loaded.model).__name__ == "Qwen3VLForConditionalGeneration"  # from config.json, not hard-coded
+    frames = [sample_frames(v, 2) for v in videos(2)]
+    prompts = [build_prompt(POINTWISE_VIDEO, "a red circle"), build_prompt(POINTWISE_VIDEO, "x")]
+    assert loaded(frames, prompts) == generate(frames, prompts)
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for i, video in enumerate(videos(2, t=5, size=64)):
+        (clips / f"k{i}.mp4").write_bytes(encode_mp4(video, 8))
+        (clips / f"k{i}.txt").write_text(f"caption {i}")
+    result = main(["--model", str(folder), "--videos", str(clips), "--num-frames", "2", "--dtype", "float32",
+                   "--max-new-tokens", "4", "--template", "alignment_physics_style"])
+    assert result["count"] == 2 and result["num_unparseable"] == 2  # random weights answer garbage, counted
+
+
+def test_a_folder_that_is_not_a_qwen_vl_model_is_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match=r"config.json: model_type 'llama' is not a Qwen-VL reward model"):
+        QwenVLGenerator.from_pretrained(tmp_path)

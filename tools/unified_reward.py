@@ -1,4 +1,5 @@
-"""UnifiedReward scores of generated videos: a Qwen2.5-VL reward model asked to rate frames against the caption.
+"""UnifiedReward scores of generated videos: a Qwen-VL reward model (Qwen2.5-VL or Qwen3-VL, whichever its folder's
+config names) asked to rate frames against the caption.
 
 UnifiedReward (Wang et al., arXiv 2503.05236; https://github.com/CodeGoat24/UnifiedReward) fine-tunes Qwen2.5-VL to
 answer a fixed rating prompt. Two published prompts are built in (the model must be asked in the format it was trained
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,8 @@ import numpy as np
 
 from infra.config import check, join_key
 from infra.dtypes import DTYPES as TORCH_DTYPES
+
+log = logging.getLogger(__name__)
 
 POINTWISE_VIDEO = (
     "Suppose you are an expert in judging and evaluating the quality of AI-generated videos, please watch the frames "
@@ -192,12 +196,29 @@ def sample_frames(video, num_frames: int) -> list[np.ndarray]:
     return [video[i] for i in indices]
 
 
+# Model types whose image path this module drives (the Qwen2-VL image processor, <|image_pad|> slots).
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+
+
+def reward_architecture(folder: Path) -> str:
+    """The reward model's ``model_type`` from its config.json; an error naming it when it is not a Qwen-VL model."""
+    config = folder / "config.json"
+    try:
+        model_type = json.loads(config.read_text())["model_type"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{config}: cannot read the model_type of the reward model ({e!r})") from e
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{config}: model_type {model_type!r} is not a Qwen-VL reward model; supported: "
+                         f"{SUPPORTED_MODEL_TYPES}")
+    return model_type
+
+
 # A generator answers one prompt per video, given that video's frames.
 Generator = Callable[[list[list[np.ndarray]], list[str]], list[str]]
 
 
 class QwenVLGenerator:
-    """Greedy answers of a Qwen2.5-VL model to (frames, prompt) pairs, the frames given as images."""
+    """Greedy answers of a Qwen-VL model (2.5 or 3) to (frames, prompt) pairs, the frames given as images."""
 
     image_token = "<|image_pad|>"
 
@@ -212,12 +233,13 @@ class QwenVLGenerator:
                         max_pixels: int = 0, max_new_tokens: int = 256) -> "QwenVLGenerator":
         """Load model, tokenizer and image processor from a local folder (never from a hub)."""
         import torch
-        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+        from transformers import AutoModelForImageTextToText, AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         folder = Path(path)
         if not folder.is_dir():
             raise FileNotFoundError(f"reward model folder {folder} not found (only local folders are loaded)")
+        architecture = reward_architecture(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         if not getattr(tokenizer, "chat_template", None):
             # Qwen2.5-VL folders may keep the template beside the processor instead of in the tokenizer config.
@@ -228,8 +250,10 @@ class QwenVLGenerator:
                     break
         extra = {"max_pixels": max_pixels} if max_pixels else {}
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(folder, local_files_only=True, **extra)
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            folder, dtype=getattr(torch, dtype), local_files_only=True)
+        # The class comes from the folder's config (Qwen2.5-VL for UnifiedReward 1.x and 2.0-qwen, Qwen3-VL for the
+        # 2.0-qwen3vl models, 2B and up): the Auto class maps its model_type.
+        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=getattr(torch, dtype), local_files_only=True)
+        log.info("reward model %s: %s", folder, architecture)
         if device:
             model = model.to(device)
         return cls(model, tokenizer, image_processor, max_new_tokens)
