@@ -1,5 +1,6 @@
 """Text-to-video training on the shared engine: the tiny run trains on CPU (tiny random SSVAE, MiniLM, tiny default
 data), writes sample mp4s and a diffusers export, resumes exactly, and runs under the ``deepspeed`` launcher."""
+import io
 import json
 import os
 import subprocess
@@ -168,3 +169,32 @@ def test_deepspeed_launcher_runs_dit_train(t2v_config):
     run_t2v(t2v_config, out, "run.max_steps=2", "sampling.enabled=false", launcher="deepspeed")
     assert sorted(logged_losses(out)) == [1, 2]
     assert (out / "checkpoints/step_000002/dit/mp_rank_00_model_states.pt").is_file()
+
+
+def test_dit_training_logs_index_and_batch_skips(t2v_config, tmp_path):
+    """A bad meta line (found while indexing) and an undecodable mp4 (found while loading a batch) are skipped by the
+    DiT training and logged per reason in metrics.jsonl, as the VAE training does."""
+    import shutil
+    import tarfile
+
+    data = tmp_path / "data"
+    shutil.copytree(t2v_config.parent / "data", data)
+    shard = sorted(data.glob("video-*.tar"))[0]
+    meta = shard.with_name(shard.name.replace(".tar", ".meta.jsonl"))
+    meta.write_text(meta.read_text() + "{not json\n")
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    broken = next(m.name for m, _ in members if m.name.endswith(".mp4"))
+    with tarfile.open(shard, "w") as tar:
+        for member, payload in members:
+            if member.name == broken:
+                payload = b"\x00not an mp4" * 50
+                member.size = len(payload)
+            tar.addfile(member, io.BytesIO(payload))
+    out = tmp_path / "run"
+    run_t2v(t2v_config, out, f"data.video_roots={data}", "run.max_steps=3", "run.eval_every=0",
+            "run.eval_at_start=false", "run.save_every=0")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = {k: sum(r.get(k, 0.0) for r in rows) for r in rows for k in r if k.startswith("data/")}
+    assert logged.get("data/index_skipped_bad_meta_line") == 1.0, logged
+    assert logged.get("data/skipped_unreadable", 0.0) >= 1.0, logged
