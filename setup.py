@@ -18,6 +18,7 @@ setup(
         "deepspeed==0.19.8",
         "transformers==5.24.0",
         "diffusers==0.42.1",
+        "peft==0.21.2",  # LoRA fine-tuning of the DiT (dit/lora.py)
         "webdataset==1.0.2",
         "decord==0.6.0",
         "av==18.1.0",

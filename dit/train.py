@@ -40,6 +40,7 @@ from vae.first_stage import FirstStage
 from .convert import export_diffusers
 from .diffusion import VPrediction, drop_text
 from .latent_cache import build_latent_loader, read_manifest
+from .lora import LORA_DIR, add_adapters, export_adapter, load_base, merged_state_dict
 from .parallelize import parallelize_dit
 from .runtime import (EXPORT_DIR, build_dit, build_first_stage, build_frozen_text_encoder, encode_text, sample_prompts,
                       uses_text_mask)
@@ -99,6 +100,9 @@ class T2VTask(TrainTask):
         check_clip_geometry(cfg, self.first_stage)
         text_encoder = build_frozen_text_encoder(cfg, device)
         self.model = build_dit(cfg, self.first_stage, text_encoder.hidden_size)
+        if cfg.lora.enabled:  # frozen base weights from lora.base, trainable peft adapters
+            load_base(self.model, cfg.lora)
+            add_adapters(self.model, cfg.lora)
         n_params = sum(p.numel() for p in self.model.parameters())
         parallel = parallelize_dit(self.model, cfg, dist_info.world_size, self.first_stage, device)
         self.model, self.mpu, self.parallel, self.dense_config = (parallel.model, parallel.mpu, parallel.groups,
@@ -112,6 +116,10 @@ class T2VTask(TrainTask):
         self.text_mask = uses_text_mask(cfg, text_encoder)
         if dist_info.is_main:
             log.info("DiT %.1fM parameters: %s; parallel %s", n_params / 1e6, self.model.config, cfg.parallel)
+            if cfg.lora.enabled:
+                trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+                log.info("LoRA rank %d on %s: %.3fM trainable parameters, base %s frozen", cfg.lora.rank,
+                         list(cfg.lora.target_modules), trainable / 1e6, cfg.lora.base)
 
     # ----------------------------------------------------------------------------------------------- engines
     def engine_specs(self) -> list[EngineSpec]:
@@ -199,6 +207,11 @@ class T2VTask(TrainTask):
                         dense = CogVideoXTransformer(self.dense_config)
                         dense.load_state_dict(state)
                         export_diffusers(dense, Path(ctx.output_dir) / EXPORT_DIR)
+                elif self.cfg.lora.enabled:  # the adapter in diffusers' format, and the base with it merged
+                    export_adapter(module, self.cfg.lora, Path(ctx.output_dir) / LORA_DIR)
+                    dense = CogVideoXTransformer(module.config)
+                    dense.load_state_dict(merged_state_dict(module))
+                    export_diffusers(dense, Path(ctx.output_dir) / EXPORT_DIR)
                 else:
                     export_diffusers(module, Path(ctx.output_dir) / EXPORT_DIR)
         barrier()

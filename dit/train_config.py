@@ -18,6 +18,7 @@ from vae.first_stage import FirstStageConfig
 
 from .config import PRESETS, DiTConfig
 from .diffusion import DiffusionConfig
+from .lora import LoraConfig
 from .samplers import SAMPLERS
 from .text_encoder import TextEncoderConfig
 from .transformer import DIT_INITS
@@ -159,11 +160,16 @@ class T2VTrainConfig:
     latents: LatentsConfig = field(default_factory=LatentsConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self, prefix: str = "") -> None:
         from .parallelize import check_layout
 
         check_layout(self)  # what needs no world size or first stage; the rest at start-up
+        if self.lora.enabled:
+            check(self.parallel.tensor_parallel_size == 1, "lora.enabled",
+                  "LoRA needs parallel.tensor_parallel_size=1 (tensor parallelism replaces the Linear layers the "
+                  "adapters wrap)")
         if self.latents.cached:
             check(self.data.image_prob == 0.0, "data.image_prob",
                   "must be 0 with latents.cache_dir (the cache holds video clips only)")
