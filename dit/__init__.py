@@ -12,7 +12,7 @@ from .convert import (
 )
 from .diffusion import DiffusionConfig, VPrediction, alphas_cumprod, drop_text, training_loss
 from .samplers import dynamic_guidance_scale, make_scheduler, sample
-from .sequence_parallel import enable_ulysses, ulysses_forward
+from .sequence_parallel import UlyssesTransformer, apply_ulysses, enable_ulysses, ulysses_forward
 from .transformer import CogVideoXTransformer
 
 __all__ = [
@@ -26,6 +26,8 @@ __all__ = [
     "diffusers_config",
     "drop_text",
     "dynamic_guidance_scale",
+    "UlyssesTransformer",
+    "apply_ulysses",
     "enable_ulysses",
     "export_diffusers",
     "export_sat",

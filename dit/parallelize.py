@@ -6,13 +6,13 @@ and dropout under TP. The config's own validation runs the part that needs no wo
 runs the rest at start-up, so an impossible layout stops a run before any engine is built.
 
 ``parallelize_dit`` builds the process groups and applies the layout to a built (dense) DiT, returning what the
-training needs: the model (its attention and MLP linears sharded over TP; its ordinary call routed through
-``ulysses_forward`` under SP), the groups, DeepSpeed's model-parallel unit, and the dense config for exporting.
-The model code knows nothing of either (docs/PARALLELISM.md).
+training needs: the model (its attention and MLP linears sharded over TP; under SP, ``apply_ulysses`` makes it a
+``UlyssesTransformer``, whose forward splits the tokens, with the same parameter names), the groups, DeepSpeed's
+model-parallel unit, and the dense config for exporting. The model code knows nothing of either
+(docs/PARALLELISM.md).
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -20,7 +20,7 @@ from infra.config import ConfigError, check
 from infra.distributed import ParallelGroups, parallel_groups
 
 from .config import DiTConfig
-from .sequence_parallel import enable_ulysses, ulysses_forward
+from .sequence_parallel import apply_ulysses
 from .tensor_parallel import DeepSpeedMPU, apply_tensor_parallel
 from .transformer import CogVideoXTransformer
 
@@ -93,6 +93,5 @@ def parallelize_dit(model: CogVideoXTransformer, cfg: T2VTrainConfig, world_size
         mpu = DeepSpeedMPU(groups.tp_group, groups.dp_group)
     if groups.sequence_parallel_size > 1:
         # Every rank of the group passes the same inputs and gets the full output through the model's ordinary call.
-        enable_ulysses(model, groups.sp_group)
-        model.forward = functools.partial(ulysses_forward, model, group=groups.sp_group)
+        apply_ulysses(model, groups.sp_group)
     return ParallelDiT(model, groups, mpu, dense_config)

@@ -126,3 +126,28 @@ def ulysses_forward(model: CogVideoXTransformer, latents: torch.Tensor, text_sta
     _, frames, _, height, width = latents.shape
     cfg = model.config
     return unpatchify(patches, frames, height, width, cfg.patch_size, cfg.temporal_patch)
+
+
+class UlyssesTransformer(CogVideoXTransformer):
+    """A CogVideoXTransformer whose forward is ``ulysses_forward`` over ``sp_group``.
+
+    ``apply_ulysses`` turns a built model into one by swapping its class, the composable pattern of torch's own
+    ``fully_shard``: no method is replaced on the instance, and parameter names, state dicts, EMA, checkpoints and
+    exports stay those of the plain model (a wrapper module would prefix every name)."""
+
+    sp_group = None
+
+    def forward(self, latents: torch.Tensor, text_states: torch.Tensor, timestep: torch.Tensor,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return ulysses_forward(self, latents, text_states, timestep, text_mask, group=self.sp_group)
+
+
+def apply_ulysses(model: CogVideoXTransformer, group) -> UlyssesTransformer:
+    """Sequence parallelism over ``group`` for ``model`` (in place; returns it): Ulysses attention in every block and
+    a forward that splits the tokens, so every rank of the group passes the same inputs and gets the full output."""
+    if not isinstance(model, CogVideoXTransformer):
+        raise TypeError(f"apply_ulysses expects a CogVideoXTransformer, got {type(model).__name__}")
+    enable_ulysses(model, group)
+    model.__class__ = UlyssesTransformer
+    model.sp_group = group
+    return model

@@ -12,7 +12,9 @@ from infra.distributed import free_port
 WORLD = 2
 
 
-CASES = [("rope", False), ("sincos", True)]  # one spawn for both: process start-up dominates the time
+# One spawn for all cases: process start-up dominates the time. "function": enable_ulysses + ulysses_forward;
+# "apply": apply_ulysses, then the model's ordinary call (what parallelize_dit does).
+CASES = [("rope", False, "function"), ("sincos", True, "apply")]
 
 
 def _worker(rank: int, port: int) -> None:
@@ -20,23 +22,31 @@ def _worker(rank: int, port: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        for positional_embedding, use_mask in CASES:
-            _check(positional_embedding, use_mask)
+        for positional_embedding, use_mask, how in CASES:
+            _check(positional_embedding, use_mask, how)
     finally:
         dist.destroy_process_group()
 
 
-def _check(positional_embedding: str, use_mask: bool) -> None:
-    from dit.sequence_parallel import enable_ulysses, ulysses_forward
+def _check(positional_embedding: str, use_mask: bool, how: str) -> None:
+    from dit import CogVideoXTransformer
+    from dit.sequence_parallel import UlyssesTransformer, apply_ulysses, enable_ulysses, ulysses_forward
     from helpers.dit_parallel_case import dense_and_copy, inputs
 
     reference, parallel = dense_and_copy(positional_embedding)
-    enable_ulysses(parallel)
+    names = list(parallel.state_dict())
     latents, text, timestep, mask, target = inputs(use_mask)
-
     expected = reference(latents, text, timestep, text_mask=mask)
     (expected - target).square().mean().backward()
-    got = ulysses_forward(parallel, latents, text, timestep, text_mask=mask)
+    if how == "apply":
+        apply_ulysses(parallel, dist.group.WORLD)
+        # Nothing patched on the instance, the same names (checkpoints, EMA and exports are the plain model's).
+        assert type(parallel) is UlyssesTransformer and isinstance(parallel, CogVideoXTransformer)
+        assert "forward" not in vars(parallel) and list(parallel.state_dict()) == names
+        got = parallel(latents, text, timestep, text_mask=mask)
+    else:
+        enable_ulysses(parallel)
+        got = ulysses_forward(parallel, latents, text, timestep, text_mask=mask)
     (got - target).square().mean().backward()
 
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
