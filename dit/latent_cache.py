@@ -266,3 +266,24 @@ def transform_cache(source: str | Path, out: str | Path, cfg, dtype: str | None 
         _write_part(out, index, tensors, lines)
     (out / COMPLETE).write_text((source / COMPLETE).read_text())
     return out
+
+
+def write_random_cache(cfg, out: str | Path, num_samples: int, latent_shape: tuple[int, int, int, int],
+                       text_embed_dim: int, seed: int = 0) -> Path:
+    """A complete cache of ``num_samples`` standard-normal latents ``latent_shape`` (C, F, h, w) and text states
+    (max_length, ``text_embed_dim``) with ``cfg``'s manifest, for benchmarks of the DiT training step at sizes whose
+    data, VAE or text encoder are not at hand (the engine, the loader and the checks see a real cache)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_manifest(out, _manifest(cfg, "float32"))
+    generator = torch.Generator().manual_seed(seed)
+    length = cfg.text_encoder.max_length
+    tensors, lines = {}, []
+    for j in range(num_samples):
+        tensors[tensor_name(j, "latents")] = torch.randn(latent_shape, generator=generator)
+        tensors[tensor_name(j, "text_states")] = torch.randn(length, text_embed_dim, generator=generator)
+        tensors[tensor_name(j, "text_mask")] = torch.ones(length, dtype=torch.bool)
+        lines.append({"key": f"random{j:06d}", "caption": "", "meta": {}})
+    _write_part(out, 0, tensors, lines)
+    (out / COMPLETE).write_text(json.dumps({"skips": {}}) + "\n")
+    return out

@@ -82,6 +82,8 @@ class DeepSpeedConfig:
               f"must be 'fp32' or 'bf16', got {self.precision!r}")
         check(self.gradient_accumulation_steps >= 1, f"{prefix}.gradient_accumulation_steps", "must be >= 1")
         check(self.gradient_clipping >= 0, f"{prefix}.gradient_clipping", "must be >= 0")
+        # YAML reads a bare yes/no as a boolean, which the str field then holds as 'True'/'False'.
+        self.fused_optimizer = {"True": "yes", "False": "no"}.get(self.fused_optimizer, self.fused_optimizer)
         check(self.fused_optimizer in ("auto", "yes", "no"), f"{prefix}.fused_optimizer",
               f"must be auto, yes or no, got {self.fused_optimizer!r}")
 

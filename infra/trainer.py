@@ -188,7 +188,7 @@ class Trainer:
         last_eval: dict[str, float] = {}
         if self.run.eval_at_start and self.step == 0:
             last_eval = self._evaluate()
-        tick, samples = time.perf_counter(), 0
+        tick, samples, window_start = time.perf_counter(), 0, self.step
         while self.step < stop_at:
             for name, spec in self.specs.items():
                 set_learning_rate(self.engines[name], learning_rate(spec.optimizer, self.step))
@@ -206,11 +206,14 @@ class Trainer:
                 elapsed = time.perf_counter() - tick
                 metrics = {k: sum(v) / len(v) for k, v in window.items()}
                 metrics.update({f"lr/{n}": learning_rate(s.optimizer, self.step - 1) for n, s in self.specs.items()},
-                               skipped_nonfinite=self.ctx.skipped_nonfinite, samples_per_s=samples / elapsed)
+                               skipped_nonfinite=self.ctx.skipped_nonfinite, samples_per_s=samples / elapsed,
+                               step_s=elapsed / max(self.step - window_start, 1))
+                if self.dist.device.type == "cuda":  # the benchmarks' peak memory under the engine
+                    metrics["mem/peak_gib"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
                 self.logger.log(self.step, metrics)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in list(metrics.items())[:3]}, refresh=False)
                 window.clear()
-                tick, samples = time.perf_counter(), 0
+                tick, samples, window_start = time.perf_counter(), 0, self.step
             if self.run.eval_every and self.step % self.run.eval_every == 0:
                 last_eval = self._evaluate()
             if self.run.save_every and self.step % self.run.save_every == 0:

@@ -54,3 +54,14 @@ def test_missing_file_and_malformed_override():
         load_config(VAETrainConfig, ROOT / "configs/vae/nope.yaml")
     with pytest.raises(ConfigError, match="key=value"):
         load_config(VAETrainConfig, ROOT / "configs/vae/tiny.yaml", ["run.max_steps"])
+
+
+@pytest.mark.parametrize("value, expected", [("no", "no"), ("yes", "yes"), ("auto", "auto"), ("false", "no")])
+def test_fused_optimizer_accepts_yaml_yes_no(value, expected):
+    # YAML (and so a key=value override) reads a bare yes/no as a boolean; the setting must still mean yes/no.
+    cfg = load_config(VAETrainConfig, ROOT / "configs/vae/tiny.yaml",
+                      ["data.video_roots=x", "data.image_roots=y", f"deepspeed.fused_optimizer={value}"])
+    assert cfg.deepspeed.fused_optimizer == expected
+    with pytest.raises(ConfigError, match="deepspeed.fused_optimizer"):
+        load_config(VAETrainConfig, ROOT / "configs/vae/tiny.yaml",
+                    ["data.video_roots=x", "data.image_roots=y", "deepspeed.fused_optimizer=maybe"])
