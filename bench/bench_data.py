@@ -58,8 +58,13 @@ def bench(root: str, frames: int, fps: float, size: int, repeats: int, seed: int
     if not clips:
         raise SystemExit(f"no clip in {root} is long enough for {frames} frames at {fps} fps")
 
-    methods = {"decord": ("decord", False), "pyav": ("pyav", False),
-               "decord_whole_clip": ("decord", True), "pyav_whole_clip": ("pyav", True)}
+    import importlib.util
+
+    installed = [d for d, module in (("decord", "decord"), ("pyav", "av")) if importlib.util.find_spec(module)]
+    if not installed:
+        raise SystemExit("neither decord nor PyAV is installed: nothing to decode with")
+    methods = {f"{d}{suffix}": (d, whole) for whole, suffix in ((False, ""), (True, "_whole_clip"))
+               for d in installed}
     for decoder, whole in methods.values():
         _clip(clips[0][0], decoder, whole, clips[0][1], size)  # warm-up (library loading)
     # Methods take turns clip by clip, so load from other processes hits them alike; each clip's median time counts.
@@ -80,7 +85,8 @@ def bench(root: str, frames: int, fps: float, size: int, repeats: int, seed: int
                          "ms_per_clip": round(1000 * elapsed / len(clips), 1)}
     return {
         "root": str(root), "clips": len(clips), "repeats": repeats, "frames": frames, "fps": fps, "size": size,
-        "source_size": list(open_video(clips[0][0], "decord").get([0]).shape[1:3][::-1]),
+        "source_size": list(open_video(clips[0][0], installed[0]).get([0]).shape[1:3][::-1]),
+        "decoders_missing": sorted({"decord", "pyav"} - set(installed)),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
         "results": results,

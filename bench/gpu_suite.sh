@@ -6,7 +6,8 @@
 #   dit_train    CogVideoX-2B on SSVAE latents under the deepspeed launcher, bf16, ZeRO-2: step time, tokens/s, peak
 #                memory, MFU; then checkpoint + resume compared step by step on a 2-layer model of the same width
 #   vae_train    the released stage-1 SSVAE (315M), 17x256, bf16, ZeRO-2, LPIPS + LCR + LMR, PatchGAN from step 10,
-#                30 steps, checkpoint at 20 and resume compared with the uninterrupted run
+#                30 steps at the full learning rate (the recipe's 1000-step warm-up would hold it near 2e-6),
+#                checkpoint at 20 and resume compared with the uninterrupted run
 #   dit_2b       the bare-model DiT benchmark at the same size (the engine's overhead is the difference)
 #   data_loader  decoding throughput of 17x256 clips from the mp4 shards vae_train made (needs PyAV)
 #   vae_17x256 / vae_49x512 (+ _contiguous)  the VAE inference benchmarks (only when named in STEPS)
@@ -35,10 +36,10 @@ step() {  # name, seconds, command...
 vae_scale=released; dit_scale=2b; vae_size=256; vae_frames=17
 [ "${SCALE:-}" = tiny ] && vae_scale=tiny && dit_scale=tiny && vae_size=64 && vae_frames=9
 step check_cuda 60 $py -m bench.check_cuda --golden "$golden"
-step dit_train 200 $py -m bench.bench_train_engine --task dit --scale $dit_scale --steps 10 --save-at 6 \
+step dit_train 260 $py -m bench.bench_train_engine --task dit --scale $dit_scale --steps 10 --save-at 6 \
   --resume-layers 2 --work "$work" model.gradient_checkpointing=false deepspeed.fused_optimizer=no
 step vae_train 170 $py -m bench.bench_train_engine --task vae --scale $vae_scale --steps 30 --save-at 20 \
-  --work "$work" deepspeed.fused_optimizer=no
+  --work "$work" deepspeed.fused_optimizer=no optimizer.warmup_steps=0 disc_optimizer.warmup_steps=0
 step dit_2b 80 $py -m bench.bench_dit --size 2b --steps 5 --impl ours
 step data_loader 30 $py -m bench.bench_data "$work/vae_$vae_scale/data" --frames $vae_frames --size $vae_size --repeats 1
 step vae_17x256 240 $py -m bench.bench_vae --repeats 3

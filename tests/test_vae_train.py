@@ -1,5 +1,6 @@
 """SSVAE training end to end on the shared engine: the deepspeed launcher, ZeRO-2, held-out real clips, exact resume."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -102,3 +103,19 @@ def test_vae_resume_is_exact(tmp_path, default_data):
     assert losses(whole) == losses(parts)
     assert any(disc is not None for _, disc in losses(whole).values())  # alternation crossed the resume point
     assert len({v for v in losses(whole).values()}) == 6
+
+
+def test_vae_trains_in_bf16_with_perceptual_and_discriminator(tmp_path, default_data):
+    # deepspeed.precision=bf16 (the released configs' setting) makes both engines' weights bf16 while the clips, the
+    # frozen LPIPS network and the loss statistics stay fp32: every pass, the discriminator's and the evaluation's
+    # included, must run (first seen on an H200: "Input type (float) and bias type (BFloat16)" at the first conv).
+    rows = _train(tmp_path / "run", default_data, str(default_data), "deepspeed.precision=bf16", "run.max_steps=3",
+                  "run.eval_every=3", "loss.disc_start=2", "loss.perceptual_weight=1.0", "eval.write_videos=false",
+                  "eval.num_clips=1")
+    gen = [r for r in rows if "loss/total" in r]
+    disc = [r for r in rows if "loss/disc" in r]
+    assert gen and disc, rows
+    assert all(math.isfinite(r["loss/total"]) and math.isfinite(r["loss/perceptual"]) for r in gen), gen
+    assert all(math.isfinite(r["loss/disc"]) for r in disc), disc
+    evals = [r for r in rows if "eval/psnr" in r]
+    assert evals and math.isfinite(evals[-1]["eval/psnr"]), rows

@@ -174,8 +174,20 @@ class ImageVideoDiscriminator(nn.Module):
         if min(x.shape[-2:]) < min_size:
             raise ValueError(f"discriminator: frames must be at least {min_size}x{min_size} for max_spatial_down "
                              f"{self.config.max_spatial_down}, got {tuple(x.shape[-2:])}")
-        x = x.to(self.patchgan_2d.out_layer[-1].weight.dtype)  # e.g. bf16 reconstructions, fp32 discriminator
+        dtype = self.patchgan_2d.out_layer[-1].weight.dtype
+        self._spectral_vectors_to(dtype)
+        x = x.to(dtype)  # e.g. bf16 reconstructions, fp32 discriminator
         return self.patchgan_2d(x), self.patchgan_3d(x)
+
+    def _spectral_vectors_to(self, dtype: torch.dtype) -> None:
+        # Mixed precision (DeepSpeed's bf16) casts parameters but keeps buffers fp32, and spectral norm's power
+        # iteration multiplies each weight with its u/v buffers, which must share its dtype (CPU autocast leaves
+        # that product alone).
+        for module in self.modules():
+            for name in ("weight_u", "weight_v"):
+                vector = getattr(module, name, None)
+                if isinstance(vector, torch.Tensor) and vector.dtype != dtype:
+                    vector.data = vector.data.to(dtype)
 
 
 def hinge_discriminator_loss(logits_real: Sequence[torch.Tensor], logits_fake: Sequence[torch.Tensor]) -> torch.Tensor:

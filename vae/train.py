@@ -96,15 +96,24 @@ class VAETask(TrainTask):
     def batches(self, start_batch: int):
         return build_loader(self.cfg.data, self.dist.rank, self.dist.world_size, self.cfg.run.seed, start_batch)
 
+    def mixed_precision(self, ctx: StepContext):
+        """Under deepspeed.precision=bf16 the engines hold bf16 weights while the clips, the frozen LPIPS network and
+        the loss's statistics are fp32: autocast runs the convolutions in bf16 and keeps reductions (L1, KL sums,
+        norms) in fp32. A no-op in fp32."""
+        return torch.autocast(ctx.device.type, dtype=torch.bfloat16,
+                              enabled=self.cfg.deepspeed.precision == "bf16")
+
     def train_step(self, batch: dict, step: int, ctx: StepContext) -> dict[str, float]:
         x = batch["video"].to(ctx.device, non_blocking=True)
         logs = skip_logs(batch)
         if self.loss.is_discriminator_step(step):
-            recon = ctx.engine("autoencoder").module.reconstruct(x)
-            loss, disc_logs = self.loss.discriminator_loss(x, recon, step)
+            with self.mixed_precision(ctx):
+                recon = ctx.engine("autoencoder").module.reconstruct(x)
+                loss, disc_logs = self.loss.discriminator_loss(x, recon, step)
             ctx.backward_and_step("discriminator", loss)
             return {**logs, **disc_logs}
-        loss, gen_logs = ctx.engine("autoencoder")(x, step)
+        with self.mixed_precision(ctx):
+            loss, gen_logs = ctx.engine("autoencoder")(x, step)
         ctx.backward_and_step("autoencoder", loss)
         return {**logs, **gen_logs, f"loss_{batch['kind']}": gen_logs["loss/total"]}
 
@@ -124,7 +133,8 @@ class VAETask(TrainTask):
         with maybe_averaged(ctx.emas.get("autoencoder"), module):
             for i, clip in enumerate(self.eval_clips):
                 x = clip[None].to(ctx.device)
-                recon = module.reconstruct(x, sample=False).clamp(-1, 1)
+                with self.mixed_precision(ctx):
+                    recon = module.reconstruct(x, sample=False).float().clamp(-1, 1)
                 l1.append((recon - x).abs().mean().item())
                 psnr.append(float(psnr_fn(recon, x)[0]))
                 if self.cfg.eval.write_videos and ctx.dist.is_main:
