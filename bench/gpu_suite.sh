@@ -38,7 +38,7 @@ vae_scale=released; dit_scale=2b; vae_size=256; vae_frames=17
 step check_cuda 60 $py -m bench.check_cuda --golden "$golden"
 step dit_train 260 $py -m bench.bench_train_engine --task dit --scale $dit_scale --steps 10 --save-at 6 \
   --resume-layers 2 --work "$work" model.gradient_checkpointing=false deepspeed.fused_optimizer=no
-step vae_train 170 $py -m bench.bench_train_engine --task vae --scale $vae_scale --steps 30 --save-at 20 \
+step vae_train 200 $py -m bench.bench_train_engine --task vae --scale $vae_scale --steps 30 --save-at 20 \
   --work "$work" deepspeed.fused_optimizer=no optimizer.warmup_steps=0 disc_optimizer.warmup_steps=0
 step dit_2b 80 $py -m bench.bench_dit --size 2b --steps 5 --impl ours
 step data_loader 30 $py -m bench.bench_data "$work/vae_$vae_scale/data" --frames $vae_frames --size $vae_size --repeats 1
