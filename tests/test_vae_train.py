@@ -105,17 +105,43 @@ def test_vae_resume_is_exact(tmp_path, default_data):
     assert len({v for v in losses(whole).values()}) == 6
 
 
-def test_vae_trains_in_bf16_with_perceptual_and_discriminator(tmp_path, default_data):
-    # deepspeed.precision=bf16 (the released configs' setting) makes both engines' weights bf16 while the clips, the
-    # frozen LPIPS network and the loss statistics stay fp32: every pass, the discriminator's and the evaluation's
-    # included, must run (first seen on an H200: "Input type (float) and bias type (BFloat16)" at the first conv).
-    rows = _train(tmp_path / "run", default_data, str(default_data), "deepspeed.precision=bf16", "run.max_steps=3",
-                  "run.eval_every=3", "loss.disc_start=2", "loss.perceptual_weight=1.0", "eval.write_videos=false",
-                  "eval.num_clips=1")
-    gen = [r for r in rows if "loss/total" in r]
-    disc = [r for r in rows if "loss/disc" in r]
-    assert gen and disc, rows
-    assert all(math.isfinite(r["loss/total"]) and math.isfinite(r["loss/perceptual"]) for r in gen), gen
-    assert all(math.isfinite(r["loss/disc"]) for r in disc), disc
-    evals = [r for r in rows if "eval/psnr" in r]
-    assert evals and math.isfinite(evals[-1]["eval/psnr"]), rows
+
+def test_bf16_weights_train_on_fp32_clips_without_an_outer_autocast():
+    # DeepSpeed's bf16 mode casts the engines' parameters (not buffers) to bf16; the clips, the frozen LPIPS network
+    # and the loss statistics stay fp32, and on CUDA the engine's forward switches off any autocast opened around it.
+    # First seen on an H200: "Input type (float) and bias type (BFloat16)" at the first conv. Reproduced here by
+    # casting the parameters and calling with autocast off.
+    import torch
+
+    from infra.config import load_config
+    from vae.losses import SSVAELoss
+    from infra.metrics.lpips import LPIPS
+    from vae.model import SSVAE
+    from vae.train import AutoencoderWithLoss
+    from vae.train_config import VAETrainConfig
+
+    cfg = load_config(VAETrainConfig, ROOT / "configs/vae/tiny.yaml",
+                      ["data.video_roots=x", "data.image_roots=", "data.image_prob=0", *TINY,
+                       "perceptual.pretrained=false", "loss.perceptual_weight=1.0", "loss.disc_start=0"])
+    torch.manual_seed(0)
+    loss = SSVAELoss(cfg.loss, LPIPS.from_config(cfg.perceptual))
+    model = AutoencoderWithLoss(SSVAE(cfg.model), loss)
+    for module in (model, loss.discriminator):
+        for param in module.parameters():
+            param.data = param.data.to(torch.bfloat16)
+    x = torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    with torch.autocast("cpu", enabled=False):
+        total, logs = model(x, step=1)
+        total.backward()
+        recon = model.reconstruct(x)
+        disc_loss, disc_logs = loss.discriminator_loss(x, recon, step=2)
+        disc_loss.backward()
+    assert total.dtype == torch.float32 and math.isfinite(total.item()), logs
+    assert math.isfinite(logs["loss/perceptual"]) and logs["loss/gan_generator"] != 0.0, logs
+    assert recon.dtype == torch.float32 and recon.shape == x.shape
+    assert math.isfinite(disc_loss.item()), disc_logs
+    grads = {n: p.grad for n, p in model.vae.named_parameters() if p.requires_grad and n != "mask_token"}
+    assert all(g is not None and g.dtype == torch.bfloat16 for g in grads.values()), \
+        [n for n, g in grads.items() if g is None]
+    assert sum(bool(g.abs().sum() > 0) for g in grads.values()) > 0.9 * len(grads)
+    assert all(p.grad is not None for p in loss.discriminator.parameters())

@@ -44,23 +44,35 @@ class AutoencoderWithLoss(nn.Module):
         object.__setattr__(self, "loss", loss)
 
     def forward(self, x: torch.Tensor, step: int):
-        posterior = self.vae.posterior(x)
-        z, ratio = self.loss.apply_lmr(posterior.sample(), self.vae.mask_token, resolution=x.shape[3])
-        recon = self.vae.decoder(z)
-        lcr_on = self.loss.config.lcr.enabled
-        loss, logs = self.loss.generator_loss(
-            x, recon, posterior, step,
-            encoder_last_layer=self.vae.encoder_last_layer if lcr_on else None,
-            decoder_last_layer=self.vae.decoder_last_layer, lmr_ratio=ratio)
+        # Autocast is entered here, inside the module: the DeepSpeed engine's forward switches off a CUDA autocast
+        # opened around it (unless its own torch_autocast section is on).
+        with weights_autocast(x, self.vae.decoder_last_layer):
+            posterior = self.vae.posterior(x)
+            z, ratio = self.loss.apply_lmr(posterior.sample(), self.vae.mask_token, resolution=x.shape[3])
+            recon = self.vae.decoder(z)
+            lcr_on = self.loss.config.lcr.enabled
+            loss, logs = self.loss.generator_loss(
+                x, recon, posterior, step,
+                encoder_last_layer=self.vae.encoder_last_layer if lcr_on else None,
+                decoder_last_layer=self.vae.decoder_last_layer, lmr_ratio=ratio)
         return loss, logs
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, sample: bool = True) -> torch.Tensor:
-        posterior = self.vae.posterior(x)
-        z = posterior.sample() if sample else posterior.mode()
-        if sample:
-            z, _ = self.loss.apply_lmr(z, self.vae.mask_token, resolution=x.shape[3])
-        return self.vae.decoder(z)
+        """The decoded posterior (sampled, with LMR's masking, or its mean), in fp32."""
+        with weights_autocast(x, self.vae.decoder_last_layer):
+            posterior = self.vae.posterior(x)
+            z = posterior.sample() if sample else posterior.mode()
+            if sample:
+                z, _ = self.loss.apply_lmr(z, self.vae.mask_token, resolution=x.shape[3])
+            return self.vae.decoder(z).float()
+
+
+def weights_autocast(x: torch.Tensor, weight: torch.Tensor):
+    """Mixed precision for weights of lower precision than the data: DeepSpeed's bf16 mode casts the engines' weights
+    to bf16 while the clips, the frozen LPIPS network and the loss's statistics stay fp32. Autocast then runs the
+    convolutions in bf16 and keeps reductions (L1, KL sums, norms) in fp32. A no-op for fp32 weights."""
+    return torch.autocast(x.device.type, dtype=weight.dtype, enabled=weight.dtype in (torch.bfloat16, torch.float16))
 
 
 def build_vae(cfg: VAETrainConfig) -> SSVAE:
@@ -96,24 +108,16 @@ class VAETask(TrainTask):
     def batches(self, start_batch: int):
         return build_loader(self.cfg.data, self.dist.rank, self.dist.world_size, self.cfg.run.seed, start_batch)
 
-    def mixed_precision(self, ctx: StepContext):
-        """Under deepspeed.precision=bf16 the engines hold bf16 weights while the clips, the frozen LPIPS network and
-        the loss's statistics are fp32: autocast runs the convolutions in bf16 and keeps reductions (L1, KL sums,
-        norms) in fp32. A no-op in fp32."""
-        return torch.autocast(ctx.device.type, dtype=torch.bfloat16,
-                              enabled=self.cfg.deepspeed.precision == "bf16")
-
     def train_step(self, batch: dict, step: int, ctx: StepContext) -> dict[str, float]:
         x = batch["video"].to(ctx.device, non_blocking=True)
         logs = skip_logs(batch)
         if self.loss.is_discriminator_step(step):
-            with self.mixed_precision(ctx):
-                recon = ctx.engine("autoencoder").module.reconstruct(x)
+            recon = ctx.engine("autoencoder").module.reconstruct(x)
+            with weights_autocast(x, next(self.loss.discriminator.parameters())):
                 loss, disc_logs = self.loss.discriminator_loss(x, recon, step)
             ctx.backward_and_step("discriminator", loss)
             return {**logs, **disc_logs}
-        with self.mixed_precision(ctx):
-            loss, gen_logs = ctx.engine("autoencoder")(x, step)
+        loss, gen_logs = ctx.engine("autoencoder")(x, step)
         ctx.backward_and_step("autoencoder", loss)
         return {**logs, **gen_logs, f"loss_{batch['kind']}": gen_logs["loss/total"]}
 
@@ -133,8 +137,7 @@ class VAETask(TrainTask):
         with maybe_averaged(ctx.emas.get("autoencoder"), module):
             for i, clip in enumerate(self.eval_clips):
                 x = clip[None].to(ctx.device)
-                with self.mixed_precision(ctx):
-                    recon = module.reconstruct(x, sample=False).float().clamp(-1, 1)
+                recon = module.reconstruct(x, sample=False).clamp(-1, 1)
                 l1.append((recon - x).abs().mean().item())
                 psnr.append(float(psnr_fn(recon, x)[0]))
                 if self.cfg.eval.write_videos and ctx.dist.is_main:
