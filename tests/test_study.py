@@ -162,6 +162,19 @@ def test_report_files(tmp_path):
     assert files["plot"].stat().st_size > 1000
 
 
+def test_reward_plot_draws_the_chance_level(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    lines = []
+    original = matplotlib.axes.Axes.axhline
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline",
+                        lambda self, y=0, *a, **k: lines.append((y, k.get("label"))) or original(self, y, *a, **k))
+    curves = {"baseline": {0: _curve([0.1, 0.4])}}
+    measures = {"baseline": {"chance": 0.28}}
+    write_report(tmp_path, "t", reward_summary(curves, "baseline", threshold=0.3), curves, measures, {})
+    assert (0.28, "chance 0.280") in lines and (0.3, "threshold 0.300") in lines
+
+
 # ------------------------------------------------------------------------------------------------------ config
 def _study_yaml(tmp_path, text: str):
     path = tmp_path / "study.yaml"

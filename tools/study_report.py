@@ -114,8 +114,10 @@ def reward_summary(curves: dict[str, dict[int, Curve]], baseline: str = "", thre
 
 
 # -------------------------------------------------------------------------------------------------------- output
-def plot_rewards(curves: dict[str, dict[int, Curve]], threshold: float, path: str | Path) -> Path:
-    """Reward versus step per variant: seed mean, with the min-max band over seeds when there are several."""
+def plot_rewards(curves: dict[str, dict[int, Curve]], threshold: float, path: str | Path,
+                 chance: float | None = None) -> Path:
+    """Reward versus step per variant: seed mean, with the min-max band over seeds when there are several, and the
+    threshold and the reward's chance level as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,6 +137,8 @@ def plot_rewards(curves: dict[str, dict[int, Curve]], threshold: float, path: st
             ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15)
     if threshold > 0:
         ax.axhline(threshold, color="gray", linestyle=":", linewidth=1, label=f"threshold {threshold:.3f}")
+    if chance is not None:
+        ax.axhline(chance, color="black", linestyle="--", linewidth=0.8, label=f"chance {chance:.3f}")
     ax.set_xlabel("DiT training step")
     ax.set_ylabel("reward")
     ax.grid(True, alpha=0.3)
@@ -145,6 +149,11 @@ def plot_rewards(curves: dict[str, dict[int, Curve]], threshold: float, path: st
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def chance_level(measures: dict[str, dict]) -> float | None:
+    """The reward a random caption-to-clip assignment scores on the prompts, as the first-stage measures hold it."""
+    return next((m.get("chance") for m in measures.values() if m.get("chance") is not None), None)
 
 
 def _fmt(value, digits: int = 3, suffix: str = "") -> str:
@@ -227,7 +236,7 @@ def write_report(out_dir: str | Path, title: str, summary: dict, curves: dict[st
     """``report.md``, ``report.json`` and ``reward_vs_step.png`` under ``out_dir``; extra markdown ``sections``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    png = plot_rewards(curves, summary["threshold"], out / "reward_vs_step.png")
+    png = plot_rewards(curves, summary["threshold"], out / "reward_vs_step.png", chance_level(measures))
     data = {"summary": summary, "curves": {v: {str(s): c for s, c in seeds.items()} for v, seeds in curves.items()},
             "first_stages": measures, "wall_s": walls}
     (out / "report.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
@@ -267,7 +276,7 @@ def statistics_section(tables: dict, measures: dict, summary: dict, baseline: st
         return [], None
     threshold = summary["threshold"]
     stats = bootstrap(tables, threshold, baseline if baseline in tables else "", resamples)
-    chance = next((m.get("chance") for m in measures.values() if m.get("chance") is not None), None)
+    chance = chance_level(measures)
     original = next((m["reconstruction_reward"]["original"] for m in measures.values()
                      if m.get("reconstruction_reward")), None)
     lines = [f"## Statistics: 95 % bootstrap intervals over seeds {stats['seeds']} and {stats['prompts']} prompts "
