@@ -11,6 +11,7 @@ whole-clip methods every frame of the clip) for each method, from each clip's me
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -57,8 +58,6 @@ def bench(root: str, frames: int, fps: float, size: int, repeats: int, seed: int
         clips.append((reader.read(record, "mp4"), indices))
     if not clips:
         raise SystemExit(f"no clip in {root} is long enough for {frames} frames at {fps} fps")
-
-    import importlib.util
 
     installed = [d for d, module in (("decord", "decord"), ("pyav", "av")) if importlib.util.find_spec(module)]
     if not installed:

@@ -44,21 +44,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from infra.distributed import free_port  # noqa: E402  (after the path insert: run as a script or a module)
+
 SCALES = {"vae": ("released", "tiny"), "dit": ("2b", "tiny")}
 LOSS_KEYS = {"vae": "loss/total", "dit": "loss"}
-
-
-def _free_port() -> int:
-    from infra.distributed import free_port
-
-    return free_port()
 
 
 def launch(module: str, config: Path, overrides: list[str], launcher: str, timeout: float, log: Path) -> float:
     """Run a training; returns its wall time, raising with the log's tail on failure."""
     if launcher == "deepspeed":  # the `deepspeed` script's own entry point (pip --target installs leave no script)
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port",
-               str(_free_port()), "--module", module]
+               str(free_port()), "--module", module]
     else:
         cmd = [sys.executable, "-m", module]
     cmd += ["--config", str(config), *overrides]
@@ -149,9 +145,12 @@ def random_ssvae(folder: Path, scale: str) -> tuple[Path, object]:
 
 def dit_setup(scale: str, work: Path, steps: int, save_at: int, cuda: bool, disc_start: int
               ) -> tuple[Path, list[str], dict]:
+    from bench.bench_dit import training_flops
     from dit.latent_cache import write_random_cache
+    from dit.parallelize import video_tokens
     from dit.train_config import T2VTrainConfig
     from infra.config import load_config
+    from vae.first_stage import SSVAEFirstStage
 
     if scale == "2b":
         config, width, (frames, height, width_px), batch = ROOT / "configs/t2v/cogvideox_2b_ssvae.yaml", 4096, \
@@ -159,9 +158,9 @@ def dit_setup(scale: str, work: Path, steps: int, save_at: int, cuda: bool, disc
     else:
         config, width, (frames, height, width_px), batch = ROOT / "configs/t2v/tiny.yaml", 64, (9, 64, 64), 4
     vae_dir, vae = random_ssvae(work / "vae", scale)
+    first_stage = SSVAEFirstStage(vae)
     t5 = random_t5(work / "t5", width)
-    latent = (vae.z_channels, 1 + (frames - 1) // vae.temporal_compression, height // vae.spatial_compression,
-              width_px // vae.spatial_compression)
+    latent = first_stage.latent_shape(frames, height, width_px)
     overrides = [f"first_stage.path={vae_dir}", "first_stage.dtype=float32", "text_encoder.kind=t5",
                  f"text_encoder.path={t5}", f"latents.cache_dir={work / 'latents'}", f"data.video_roots={work}",
                  f"data.num_frames={frames}", f"data.height={height}", f"data.width={width_px}",
@@ -172,10 +171,8 @@ def dit_setup(scale: str, work: Path, steps: int, save_at: int, cuda: bool, disc
     cfg = load_config(T2VTrainConfig, config, overrides)
     write_random_cache(cfg, work / "latents", num_samples=max(8, 4 * batch), latent_shape=latent,
                        text_embed_dim=width)
-    from bench.bench_dit import training_flops
-
     model = cfg.model.build(vae.z_channels, vae.spatial_compression, width, cfg.text_encoder.max_length)
-    tokens = math.prod(latent[1:]) // (model.temporal_patch * model.patch_size**2)
+    tokens = video_tokens(model, first_stage, frames, height, width_px)
     flops = training_flops(model, batch, tokens, cfg.text_encoder.max_length)
     return config, overrides, {"latents": list(latent), "text_tokens": cfg.text_encoder.max_length,
                                "video_tokens": tokens, "batch": batch, "num_layers": model.num_layers,

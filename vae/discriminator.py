@@ -165,6 +165,8 @@ class ImageVideoDiscriminator(nn.Module):
         self.config.validate()
         self.patchgan_2d = PatchGAN2D(self.config)
         self.patchgan_3d = CausalPatchGAN3D(self.config)
+        # The spectral-norm layers (torch.nn.utils.spectral_norm keeps weight_u / weight_v buffers), found once.
+        self._spectral_layers = [m for m in self.modules() if hasattr(m, "weight_u")]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.dim() != 5 or x.shape[1] != self.config.in_channels:
@@ -182,12 +184,12 @@ class ImageVideoDiscriminator(nn.Module):
     def _spectral_vectors_to(self, dtype: torch.dtype) -> None:
         # Mixed precision (DeepSpeed's bf16) casts parameters but keeps buffers fp32, and spectral norm's power
         # iteration multiplies each weight with its u/v buffers, which must share its dtype (CPU autocast leaves
-        # that product alone).
-        for module in self.modules():
-            for name in ("weight_u", "weight_v"):
-                vector = getattr(module, name, None)
-                if isinstance(vector, torch.Tensor) and vector.dtype != dtype:
-                    vector.data = vector.data.to(dtype)
+        # that product alone). They are cast together, so the first one tells whether anything is left to do.
+        if not self._spectral_layers or self._spectral_layers[0].weight_u.dtype == dtype:
+            return
+        for layer in self._spectral_layers:
+            layer.weight_u.data = layer.weight_u.data.to(dtype)
+            layer.weight_v.data = layer.weight_v.data.to(dtype)
 
 
 def hinge_discriminator_loss(logits_real: Sequence[torch.Tensor], logits_fake: Sequence[torch.Tensor]) -> torch.Tensor:
