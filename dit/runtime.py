@@ -56,16 +56,17 @@ def uses_text_mask(cfg: T2VTrainConfig, text_encoder) -> bool:
 
 
 @torch.no_grad()
-def sample_prompts(model, first_stage, text_states: torch.Tensor, text_mask: torch.Tensor | None, cfg,
-                   out_dir: str | Path, indices: Sequence[int] | None = None, batch_size: int = 16) -> list[Path]:
-    """Sample one video per row of ``text_states`` (B, L, D) and write ``<out_dir>/prompt_<i>.mp4``; ``text_mask``
-    (B, L) when the DiT masks text padding (see ``dit.train.uses_text_mask``), else None.
+def sample_videos(model, first_stage, text_states: torch.Tensor, text_mask: torch.Tensor | None, cfg,
+                  indices: Sequence[int] | None = None, batch_size: int = 16) -> torch.Tensor:
+    """One video per row of ``text_states`` (B, L, D): (B, 3, T, H, W) float in [-1, 1]. ``text_mask`` (B, L) when
+    the DiT masks text padding (see ``uses_text_mask``), else None.
 
     ``cfg`` is a ``T2VTrainConfig`` (its ``sampling``, ``diffusion`` and ``data`` sections); ``indices`` are the rows'
-    positions in the prompt list (their seeds and file names), 0..B-1 when not given. Prompt ``i`` starts from noise
-    drawn from its own generator (``sampling.seed + i``); the deterministic DDIM sampler then runs up to
-    ``batch_size`` prompts through the DiT and the decoder together (a prompt's video is the same alone or in a batch,
-    up to float rounding); the stochastic DPM++ sampler draws from that generator at every step, one prompt at a time.
+    positions in the prompt list (their seeds), 0..B-1 when not given. Prompt ``i`` starts from noise drawn from its
+    own generator (``sampling.seed + i``); the deterministic DDIM sampler then runs up to ``batch_size`` prompts
+    through the DiT and the decoder together (a prompt's video is the same alone or in a batch, up to float
+    rounding); the stochastic DPM++ sampler draws from that generator at every step, one prompt at a time.
+    ``dit.pipeline_ssvae_cogvideox`` (the exported diffusers pipeline) repeats exactly this.
     """
     from dit.samplers import sample
 
@@ -78,7 +79,7 @@ def sample_prompts(model, first_stage, text_states: torch.Tensor, text_mask: tor
     device = text_states.device
     dtype = next(model.parameters()).dtype
     per_call = batch_size if s.sampler == "ddim" else 1
-    paths = []
+    videos = []
     for start in range(0, len(indices), per_call):
         rows = list(range(start, min(start + per_call, len(indices))))
         generators = [torch.Generator(device=device).manual_seed(s.seed + indices[r]) for r in rows]
@@ -87,7 +88,20 @@ def sample_prompts(model, first_stage, text_states: torch.Tensor, text_mask: tor
         latents = sample(model, text_states[rows].to(dtype), latents=noise, steps=s.steps, guidance=s.guidance,
                          dynamic_cfg=s.dynamic_cfg, sampler=s.sampler, generator=generators[0],
                          diffusion=cfg.diffusion.schedule, text_mask=None if text_mask is None else text_mask[rows])
-        videos = first_stage.decode(latents.permute(0, 2, 1, 3, 4))  # DiT (B, F, C, h, w) -> VAE (B, C, F, h, w)
-        for row, video in zip(rows, videos):
-            paths.append(write_video(Path(out_dir) / f"prompt_{indices[row]:02d}.mp4", video, cfg.sample_fps()))
+        videos.append(first_stage.decode(latents.permute(0, 2, 1, 3, 4)))  # DiT (B, F, C, h, w) -> VAE (B, C, F, h, w)
+    return torch.cat(videos)
+
+
+@torch.no_grad()
+def sample_prompts(model, first_stage, text_states: torch.Tensor, text_mask: torch.Tensor | None, cfg,
+                   out_dir: str | Path, indices: Sequence[int] | None = None, batch_size: int = 16) -> list[Path]:
+    """``sample_videos``, written to ``<out_dir>/prompt_<i>.mp4`` (``i`` from ``indices``) at the run's sample fps."""
+    indices = list(range(text_states.shape[0])) if indices is None else list(indices)
+    paths = []
+    for start in range(0, len(indices), batch_size):
+        part = slice(start, start + batch_size)
+        mask = None if text_mask is None else text_mask[part]
+        videos = sample_videos(model, first_stage, text_states[part], mask, cfg, indices[part], batch_size)
+        for index, video in zip(indices[part], videos):
+            paths.append(write_video(Path(out_dir) / f"prompt_{index:02d}.mp4", video, cfg.sample_fps()))
     return paths

@@ -16,3 +16,29 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is not present")
     return SHARED
+
+
+# ---------------------------------------------------------------------- tiny text-to-video runs shared by test files
+LORA_ARGS = ("lora.enabled=true", "lora.rank=8", "lora.alpha=8", "run.max_steps=12", "run.eval_every=0",
+             "run.eval_at_start=false", "run.save_every=6", "optimizer.lr=1e-2", "optimizer.warmup_steps=0")
+
+
+@pytest.fixture(scope="session")
+def lora_runs(tmp_path_factory):
+    """A base DiT (a 4-step dit.train run with its dit/ export; tiny random SSVAE, MiniLM) and the run YAML."""
+    from test_t2v_train import make_t2v_assets, run_t2v
+
+    root = tmp_path_factory.mktemp("lora")
+    config = make_t2v_assets(root)
+    run_t2v(config, root / "base", "run.max_steps=4", "run.eval_every=0", "run.eval_at_start=false")
+    return config, root
+
+
+@pytest.fixture(scope="session")
+def lora_whole(lora_runs):
+    """A 12-step LoRA run on the base (its lora/ adapter and its merged dit/)."""
+    from test_t2v_train import run_t2v
+
+    config, root = lora_runs
+    run_t2v(config, root / "whole", f"lora.base={root / 'base/dit'}", *LORA_ARGS)
+    return root / "whole"

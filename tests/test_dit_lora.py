@@ -11,7 +11,8 @@ from dit.lora import LORA_DIR, LoraConfig, add_adapters, adapter_state_dict, exp
     merged_state_dict
 from infra.config import ConfigError
 from test_dit_transformer import inputs, reference_output, tiny_config
-from test_t2v_train import logged_losses, make_t2v_assets, run_t2v
+from conftest import LORA_ARGS
+from test_t2v_train import logged_losses, run_t2v
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -106,26 +107,6 @@ def test_bad_lora_configs_name_the_key(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ dit.train LoRA runs
-
-
-@pytest.fixture(scope="module")
-def lora_runs(tmp_path_factory):
-    """A base DiT (a 4-step run's dit/ export) and the YAML of LoRA runs on it."""
-    root = tmp_path_factory.mktemp("lora")
-    config = make_t2v_assets(root)
-    run_t2v(config, root / "base", "run.max_steps=4", "run.eval_every=0", "run.eval_at_start=false")
-    return config, root
-
-
-LORA_ARGS = ("lora.enabled=true", "lora.rank=8", "lora.alpha=8", "run.max_steps=12", "run.eval_every=0",
-             "run.eval_at_start=false", "run.save_every=6", "optimizer.lr=1e-2", "optimizer.warmup_steps=0")
-
-
-@pytest.fixture(scope="module")
-def lora_whole(lora_runs):
-    config, root = lora_runs
-    run_t2v(config, root / "whole", f"lora.base={root / 'base/dit'}", *LORA_ARGS)
-    return root / "whole"
 
 
 def test_lora_run_trains_only_adapters_and_its_loss_falls(lora_runs, lora_whole):

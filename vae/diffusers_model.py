@@ -145,7 +145,8 @@ class AutoencoderKLSSVAE(ModelMixin, ConfigMixin):
                   latents_std=stats["std"], **options)
         own = {k: v for k, v in model.state_dict().items() if k not in ("latent_mean", "latent_std")}
         out.load_state_dict(own, strict=True)
-        return out.to(next(model.parameters()).dtype)
+        dtype = next(model.parameters()).dtype
+        return out if dtype == out.dtype else out.to(dtype)
 
     def to_ssvae(self) -> SSVAE:
         cfg = SSVAEConfig.from_dict({"encoder": dict(self.config.encoder_config or {}),
