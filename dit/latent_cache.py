@@ -7,12 +7,20 @@ videos (``data.video_roots``), the clip cut from each (``data.num_frames`` at ``
 statistics) and the text encoder. Each source shard becomes one part, written atomically; parts already written are
 skipped, so an interrupted run resumes where it stopped, and a folder holding a cache made with other settings is
 refused rather than mixed. ``transform_cache`` re-expresses a cache through a latent transform without encoding
-anything again.
+anything again (posterior means only: a channel-mixing transform such as whitening leaves no diagonal posterior).
+
+Reuse: ``keyed_cache_dir(cfg, root)`` names a cache by what determines its contents (``cache_key``: the SHA-256 of the
+first stage's and the text encoder's files and settings, the clip spec, the data shards and the dtype), so a run with
+``latents.cache_root`` finds the cache another run on the same data and VAE made and encodes nothing again. Training
+reads the posterior mean, or with ``latents.sample`` draws z = mean + exp(logvar / 2) * eps at every step (the VAE's
+posterior sampling, without re-encoding).
 
 A cache folder holds, per source shard ``i`` (in ``infra.data`` shard order)::
 
-    part-NNNNNN.safetensors   "<j>/latents" (C, F, h, w) normalised first-stage latents of the shard's j-th sample,
-                              "<j>/text_states" (L, D) and "<j>/text_mask" (L,) of its caption, padding included
+    part-NNNNNN.safetensors   "<j>/latents" (C, F, h, w) the first stage's normalised posterior mean for the shard's
+                              j-th sample and "<j>/latents_logvar" its log-variance (in normalised units; absent when
+                              the manifest says "posterior": false), "<j>/text_states" (L, D) and "<j>/text_mask" (L,)
+                              of its caption, padding included
     part-NNNNNN.jsonl         line j: {"key", "caption", "meta"} (the source meta line, ground truth included)
     manifest.json             what made the cache (first stage, text encoder, clip shape, source roots)
     COMPLETE                  written last; a cache without it is refused
@@ -50,6 +58,8 @@ log = logging.getLogger("dit.latent_cache")
 MANIFEST = "manifest.json"
 COMPLETE = "COMPLETE"
 FIELDS = ("latents", "text_states", "text_mask")
+LOGVAR = "latents_logvar"  # present when the manifest's "posterior" is true
+VERSION = 2  # 2: posterior log-variances; 1 (mean only) is still read
 CACHE_DTYPES = ("float32", "bfloat16")  # what a cache may store its tensors as
 
 
@@ -70,11 +80,16 @@ def read_manifest(root: str | Path) -> dict:
 
 
 class LatentCache:
-    """Random access to the samples of a complete cache, in source order."""
+    """Random access to the samples of a complete cache, in source order; ``posterior`` also loads each sample's
+    log-variance (the cache must hold them)."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, posterior: bool = False):
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
+        if posterior and not self.manifest.get("posterior", False):
+            raise ValueError(f"latent cache {self.root} holds posterior means only (no log-variances: made through a "
+                             f"latent transform, or by an older version); it cannot be sampled")
+        self.fields = FIELDS + ((LOGVAR,) if posterior else ())
         self.entries: list[tuple[Path, int, dict]] = []
         for lines in sorted(self.root.glob("part-*.jsonl")):
             tensors = lines.with_suffix(".safetensors")
@@ -92,13 +107,13 @@ class LatentCache:
         if path not in self._open:  # memory-mapped, opened once per worker
             self._open[path] = safe_open(str(path), framework="pt")
         handle = self._open[path]
-        sample = {f: handle.get_tensor(tensor_name(j, f)) for f in FIELDS}
+        sample = {f: handle.get_tensor(tensor_name(j, f)) for f in self.fields}
         return {**sample, "caption": line["caption"], "meta": line["meta"]}
 
 
 def collate(samples: list[dict]) -> dict:
     """Stack samples (text states all have the encoder's max_length: it pads every prompt to it)."""
-    stacked = {f: torch.stack([s[f] for s in samples]) for f in FIELDS}
+    stacked = {f: torch.stack([s[f] for s in samples]) for f in (*FIELDS, LOGVAR) if f in samples[0]}
     stacked["text_mask"] = stacked["text_mask"].bool()
     return {**stacked, "caption": [s["caption"] for s in samples], "meta": [s["meta"] for s in samples]}
 
@@ -107,14 +122,14 @@ class LatentBatchDataset(IterableDataset):
     """Endless batches for one rank from ``start_batch`` on; batch ``k`` depends only on (seed, k, rank)."""
 
     def __init__(self, root: str | Path, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 start_batch: int = 0):
+                 start_batch: int = 0, posterior: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
         if start_batch < 0:
             raise ValueError(f"start_batch must be >= 0, got {start_batch}")
-        self.cache = LatentCache(root)
+        self.cache = LatentCache(root, posterior)
         self.batch_size, self.rank, self.world_size, self.start_batch = batch_size, rank, world_size, start_batch
         # Bucket 0 of the shard loader's plan: the same permutations, hence the same samples per step.
         self.stream = BucketStream(seed, 0, range(len(self.cache)))
@@ -133,19 +148,65 @@ class LatentBatchDataset(IterableDataset):
 
 
 def build_latent_loader(root: str | Path, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                        start_batch: int = 0, num_workers: int = 0) -> DataLoader:
-    """The DataLoader for one rank; its ``i``-th batch is batch ``start_batch + i`` of the run."""
-    dataset = LatentBatchDataset(root, batch_size, rank, world_size, seed, start_batch)
+                        start_batch: int = 0, num_workers: int = 0, posterior: bool = False) -> DataLoader:
+    """The DataLoader for one rank; its ``i``-th batch is batch ``start_batch + i`` of the run (with the latents'
+    log-variances under ``"latents_logvar"`` when ``posterior``)."""
+    dataset = LatentBatchDataset(root, batch_size, rank, world_size, seed, start_batch, posterior)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers)
 
 
 # ---------------------------------------------------------------------------------------------------- writing
-def _manifest(cfg, dtype: str) -> dict:
+def _manifest(cfg, dtype: str, posterior: bool | None = None) -> dict:
+    """What made a cache. ``posterior`` (default: unless a latent transform is set) says whether it holds
+    log-variances. ``first_stage.sample`` is left out: a cache holds the posterior, not one draw of it."""
     d = cfg.data
-    return {"version": 1, "video_roots": d.video_roots, "decoder": d.decoder,
+    first_stage = {k: v for k, v in dataclasses.asdict(cfg.first_stage).items() if k != "sample"}
+    return {"version": VERSION, "video_roots": d.video_roots, "decoder": d.decoder,
             "clip": {"frames": d.num_frames, "height": d.height, "width": d.width, "fps": d.fps},
-            "first_stage": dataclasses.asdict(cfg.first_stage), "text_encoder": dataclasses.asdict(cfg.text_encoder),
-            "dtype": dtype}
+            "first_stage": first_stage, "text_encoder": dataclasses.asdict(cfg.text_encoder), "dtype": dtype,
+            "posterior": not cfg.first_stage.latent_transform if posterior is None else posterior}
+
+
+def _fingerprint(folder: str | Path) -> list:
+    """(relative name, size, SHA-256) of every file under ``folder``: what a cache's contents depend on, whatever the
+    folder is called or wherever it was copied."""
+    from infra.assets import sha256_of
+
+    folder = Path(folder)
+    if folder.is_file():
+        return [[folder.name, folder.stat().st_size, sha256_of(folder)]]
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return [[str(p.relative_to(folder)), p.stat().st_size, sha256_of(p)] for p in files]
+
+
+def cache_key(cfg, dtype: str = "float32") -> str:
+    """A name for the cache of ``cfg``'s data: the SHA-256 (16 hex digits) of the first stage's files and settings
+    (kind, dtype, chunks and tiles, latent transform), the text encoder's files and settings, the clip spec and
+    decoder, the data shards (path, size, modification time) and the stored dtype. Runs that agree on all of these
+    would write the same cache."""
+    import hashlib
+
+    fs, te, d = cfg.first_stage, cfg.text_encoder, cfg.data
+    key = {
+        "version": VERSION,
+        "first_stage": {**{k: v for k, v in dataclasses.asdict(fs).items() if k not in ("path", "sample",
+                                                                                       "latent_transform")},
+                        "files": _fingerprint(fs.path),
+                        "transform": _fingerprint(fs.latent_transform) if fs.latent_transform else None},
+        "text_encoder": {**{k: v for k, v in dataclasses.asdict(te).items() if k not in ("path", "tokenizer_path")},
+                         "files": _fingerprint(te.model_dir()),
+                         "tokenizer": _fingerprint(te.tokenizer_path) if te.tokenizer_path else None},
+        "clip": {"frames": d.num_frames, "height": d.height, "width": d.width, "fps": d.fps, "decoder": d.decoder},
+        "shards": [[str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns]
+                   for p in find_shards(d.video_roots)],
+        "dtype": dtype,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def keyed_cache_dir(cfg, root: str | Path, dtype: str = "float32") -> Path:
+    """``<root>/<cache_key>``: where a run with ``latents.cache_root=root`` finds (or makes) its cache."""
+    return Path(root) / cache_key(cfg, dtype)
 
 
 def _check_manifest(out: Path, manifest: dict) -> None:
@@ -181,9 +242,11 @@ def cache_latents(cfg, out: str | Path, batch_size: int = 4, dtype: str = "float
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _check_manifest(out, _manifest(cfg, dtype))
+    manifest = _manifest(cfg, dtype)
+    _check_manifest(out, manifest)
     if (out / COMPLETE).is_file():
         return out
+    posterior = manifest["posterior"]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     d = cfg.data
     shards = [str(p) for p in find_shards(d.video_roots)]
@@ -210,12 +273,18 @@ def cache_latents(cfg, out: str | Path, batch_size: int = 4, dtype: str = "float
             bar.update(len(mine[start:start + batch_size]))
             if not videos:
                 continue
-            latents = first_stage.encode(torch.stack(videos).to(device)).float().cpu()
+            clips = torch.stack(videos).to(device)
+            if posterior:
+                latents, logvars = (t.float().cpu() for t in first_stage.encode_posterior(clips))
+            else:
+                latents = first_stage.encode(clips).float().cpu()
             states, mask = encode_text(text_encoder, captions, device)
             for i in range(len(videos)):
                 # Text states are kept whole, padding included: a DiT trained as CogVideoX attends to all of them.
                 j = len(lines)
                 tensors[tensor_name(j, "latents")] = latents[i].to(DTYPES[dtype])
+                if posterior:
+                    tensors[tensor_name(j, LOGVAR)] = logvars[i].to(DTYPES[dtype])
                 tensors[tensor_name(j, "text_states")] = states[i].cpu().to(DTYPES[dtype])
                 tensors[tensor_name(j, "text_mask")] = mask[i].cpu()
                 lines.append({"key": metas[i]["key"], "caption": captions[i], "meta": metas[i]})
@@ -244,7 +313,11 @@ def transform_cache(source: str | Path, out: str | Path, cfg, dtype: str | None 
         raise ValueError(f"transform_cache: {source} was itself made through a latent transform")
     manifest = _manifest(cfg, dtype or made_with["dtype"])
     untransformed = {**manifest, "first_stage": {**manifest["first_stage"], "latent_transform": ""}}
-    if {k: v for k, v in made_with.items() if k != "dtype"} != {k: v for k, v in untransformed.items() if k != "dtype"}:
+    # What determines the latents; the format's version and the log-variances do not.
+    same = ("video_roots", "decoder", "clip", "text_encoder")
+    first_stage = {k: v for k, v in made_with["first_stage"].items() if k != "sample"}
+    if ({k: made_with[k] for k in same} != {k: untransformed[k] for k in same}
+            or first_stage != untransformed["first_stage"]):
         raise ValueError(f"transform_cache: {source} was made with other settings ({made_with}) than {untransformed}")
     out.mkdir(parents=True, exist_ok=True)
     _check_manifest(out, manifest)
@@ -258,7 +331,7 @@ def transform_cache(source: str | Path, out: str | Path, cfg, dtype: str | None 
             continue
         lines = [json.loads(line) for line in lines_path.read_text().splitlines()]
         with safe_open(str(lines_path.with_suffix(".safetensors")), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys() if not k.endswith("/" + LOGVAR)}  # means only
         for j in range(len(lines)):
             key = tensor_name(j, "latents")
             z = tensors[key]
@@ -275,7 +348,7 @@ def write_random_cache(cfg, out: str | Path, num_samples: int, latent_shape: tup
     data, VAE or text encoder are not at hand (the engine, the loader and the checks see a real cache)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _check_manifest(out, _manifest(cfg, "float32"))
+    _check_manifest(out, _manifest(cfg, "float32", posterior=False))
     generator = torch.Generator().manual_seed(seed)
     length = cfg.text_encoder.max_length
     tensors, lines = {}, []

@@ -39,7 +39,7 @@ from vae.first_stage import FirstStage
 
 from .convert import export_diffusers
 from .diffusion import VPrediction, drop_text
-from .latent_cache import build_latent_loader, read_manifest
+from .latent_cache import COMPLETE, build_latent_loader, cache_latents, keyed_cache_dir, read_manifest
 from .lora import LORA_DIR, add_adapters, export_adapter, load_base, merged_state_dict
 from .parallelize import parallelize_dit
 from .runtime import (EXPORT_DIR, build_dit, build_first_stage, build_frozen_text_encoder, encode_text, sample_prompts,
@@ -56,22 +56,43 @@ def step_generator(seed: int, data_position: int, rank: int, device: torch.devic
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + data_position) * 1_009 + rank)
 
 
-def check_cache_matches(cfg: T2VTrainConfig) -> None:
+def check_cache_matches(cfg: T2VTrainConfig, cache_dir: str | Path) -> None:
     """Refuse a latent cache made by another first stage (the samples would be decoded by the wrong VAE) or for
-    other clips than ``data`` describes (the samples would come out another size than the training clips)."""
-    manifest = read_manifest(cfg.latents.cache_dir)
+    other clips than ``data`` describes (the samples would come out another size than the training clips), and
+    ``latents.sample`` on a cache without log-variances."""
+    manifest = read_manifest(cache_dir)
     made_with, ours = manifest["first_stage"], cfg.first_stage
     if (made_with["kind"] != ours.kind or Path(made_with["path"]).resolve() != Path(ours.path).resolve()
             or made_with.get("latent_transform", "") != ours.latent_transform):
-        raise ConfigError(f"latents.cache_dir: {cfg.latents.cache_dir} was made with first stage {made_with['kind']} "
+        raise ConfigError(f"latents.cache_dir: {cache_dir} was made with first stage {made_with['kind']} "
                           f"at {made_with['path']} (transform {made_with.get('latent_transform') or 'none'}), the run "
                           f"uses {ours.kind} at {ours.path} (transform {ours.latent_transform or 'none'})")
     clip, d = manifest["clip"], cfg.data
     for key, ours_value in (("frames", d.num_frames), ("height", d.height), ("width", d.width), ("fps", d.fps)):
         if clip[key] != ours_value:
             name = "num_frames" if key == "frames" else key
-            raise ConfigError(f"data.{name}: {ours_value}, but the latent cache {cfg.latents.cache_dir} holds clips of "
+            raise ConfigError(f"data.{name}: {ours_value}, but the latent cache {cache_dir} holds clips of "
                               f"{clip['frames']} frames of {clip['height']}x{clip['width']} at {clip['fps']} fps")
+    if cfg.latents.sample and not manifest.get("posterior", False):
+        raise ConfigError(f"latents.sample: the latent cache {cache_dir} holds posterior means only (made through a "
+                          f"latent transform, or by an older version without log-variances); re-cache it or train "
+                          f"on the means (latents.sample=false)")
+
+
+def resolve_latent_cache(cfg: T2VTrainConfig, dist_info: DistInfo) -> str:
+    """The run's cache folder: ``latents.cache_dir``, or under ``latents.cache_root`` the cache keyed by the run's
+    data, first stage and text encoder, which the main process writes first when no run has (the others wait)."""
+    if not cfg.latents.cache_root:
+        return cfg.latents.cache_dir
+    folder = keyed_cache_dir(cfg, cfg.latents.cache_root)
+    if dist_info.is_main:
+        if (folder / COMPLETE).is_file():
+            log.info("latent cache %s: reused (same data, first stage and text encoder)", folder)
+        else:
+            log.info("latent cache %s: encoding the data once for every run like this one", folder)
+            cache_latents(cfg, folder, device=dist_info.device, show_progress=cfg.run.progress_bar)
+    barrier()
+    return str(folder)
 
 
 def check_clip_geometry(cfg: T2VTrainConfig, first_stage: FirstStage) -> None:
@@ -94,8 +115,9 @@ class T2VTask(TrainTask):
         if not Path(cfg.first_stage.path).is_dir():
             raise ConfigError(f"first_stage.path: {cfg.first_stage.path} is not a folder (train the VAE first, or "
                               f"name a trained one)")
-        if cfg.latents.cached:
-            check_cache_matches(cfg)
+        self.cache_dir = resolve_latent_cache(cfg, dist_info) if cfg.latents.cached else ""
+        if self.cache_dir:
+            check_cache_matches(cfg, self.cache_dir)
         self.first_stage = build_first_stage(cfg, device)
         check_clip_geometry(cfg, self.first_stage)
         text_encoder = build_frozen_text_encoder(cfg, device)
@@ -130,16 +152,21 @@ class T2VTask(TrainTask):
         # Sharded by the data-parallel rank: the ranks of one TP x SP group read the same batches.
         cfg, rank, world = self.cfg, self.parallel.data_rank, self.parallel.data_world_size
         if cfg.latents.cached:
-            return iter(build_latent_loader(cfg.latents.cache_dir, cfg.data.video_batch_size, rank, world,
-                                            cfg.run.seed, start_batch, cfg.data.num_workers))
+            return iter(build_latent_loader(self.cache_dir, cfg.data.video_batch_size, rank, world, cfg.run.seed,
+                                            start_batch, cfg.data.num_workers, posterior=cfg.latents.sample))
         return iter(build_loader(cfg.data, rank, world, cfg.run.seed, start_batch,
                                  pin_memory=self.dist.device.type == "cuda"))
 
-    def conditioning(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Clean latents (B, F, C, h, w) (the DiT's layout), text states (B, L, D) and mask (B, L) of a batch."""
+    def conditioning(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Clean latents (B, F, C, h, w) (the DiT's layout), text states (B, L, D) and mask (B, L) of a batch; cached
+        latents with their log-variances (``latents.sample``) are drawn from the posterior with ``generator``."""
         device = self.dist.device
         if "latents" in batch:
             latents = batch["latents"].to(device).float()
+            if "latents_logvar" in batch:
+                std = batch["latents_logvar"].to(device).float().mul(0.5).exp()
+                eps = torch.randn(latents.shape, generator=generator, device=generator.device).to(device)
+                latents = latents + std * eps
             states, mask = batch["text_states"].to(device).float(), batch["text_mask"].to(device).bool()
         else:
             with torch.no_grad():
@@ -149,8 +176,8 @@ class T2VTask(TrainTask):
 
     # -------------------------------------------------------------------------------------------------- step
     def train_step(self, batch: dict, step: int, ctx: StepContext) -> dict[str, float]:
-        latents, states, mask = self.conditioning(batch)
         g = step_generator(self.cfg.run.seed, batch["step"], self.parallel.data_rank, ctx.device)
+        latents, states, mask = self.conditioning(batch, g)
         # Caption dropout for CFG: zero embeddings, attended in full, as the sampler's unconditional branch is.
         keep = drop_text(torch.ones(latents.shape[0], 1, device=ctx.device), self.cfg.diffusion.caption_dropout, g)
         states = states * keep[:, :, None]

@@ -81,10 +81,22 @@ class LatentsConfig:
     """The ``latents:`` section: encode each batch on the fly, or read latents cached by ``dit.latent_cache`` (``tools/cache_latents``)."""
 
     cache_dir: str = ""  # empty: encode on the fly with the first stage and the text encoder
+    # A folder of caches named by what made them (dit.latent_cache.cache_key): the run uses the cache of its data,
+    # first stage and text encoder there, and writes it first if no run has. Exclusive with cache_dir.
+    cache_root: str = ""
+    # Train on draws from the cached posterior, mean + exp(logvar / 2) * eps, new at every step; false: on its mean.
+    sample: bool = False
 
     @property
     def cached(self) -> bool:
-        return bool(self.cache_dir)
+        return bool(self.cache_dir or self.cache_root)
+
+    def validate(self, prefix: str = "latents") -> None:
+        check(not (self.cache_dir and self.cache_root), f"{prefix}.cache_root",
+              f"give latents.cache_dir (one cache) or latents.cache_root (a folder of keyed caches), not both")
+        check(not self.sample or self.cached, f"{prefix}.sample",
+              "draws from a cached posterior: set latents.cache_dir or latents.cache_root (on the fly, "
+              "first_stage.sample=true samples the posterior while encoding)")
 
 
 @dataclass

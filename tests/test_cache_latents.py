@@ -42,6 +42,13 @@ def test_cache_holds_first_stage_latents_text_and_ground_truth(t2v_config, cache
     states, mask = encode_text(build_frozen_text_encoder(cfg, device), [clips["caption"][5]], device)
     assert torch.equal(sample["text_mask"], mask[0]) and not mask[0].all()  # padded to max_length, mask kept
     torch.testing.assert_close(sample["text_states"], states[0], atol=1e-5, rtol=1e-4)
+    # The posterior's log-variance, in normalised units: log var - 2 log s for the VAE's per-channel std s.
+    assert "latents_logvar" not in sample  # loaded only when training samples the posterior
+    vae = build_first_stage(cfg, device).vae
+    posterior = vae.posterior(clips["video"][5:6])
+    expected = posterior.logvar[0] - 2 * vae.latent_std.log().view(-1, 1, 1, 1)
+    torch.testing.assert_close(LatentCache(cache, posterior=True).load(5)["latents_logvar"], expected, atol=1e-4,
+                               rtol=1e-4)
 
 
 def test_cache_resumes_only_missing_shards_and_refuses_other_settings(t2v_config, cache, monkeypatch):
@@ -115,6 +122,9 @@ def test_a_control_cache_is_its_source_seen_through_the_transform(t2v_config, ca
     source, controlled = LatentCache(cache), LatentCache(out)
     assert len(controlled) == len(source) == 8
     assert read_manifest(out)["first_stage"]["latent_transform"] == str(path)
+    assert read_manifest(out)["posterior"] is False  # a channel-mixing transform leaves no diagonal posterior
+    with pytest.raises(ValueError, match="holds posterior means only"):
+        LatentCache(out, posterior=True)
     clips = load_eval_clips(cfg.data.video_roots, 8, 9, 8.0, 32, 32, "pyav")
     expected = build_first_stage(cfg, torch.device("cpu")).encode(clips["video"][2:3])[0]
     torch.testing.assert_close(controlled.load(2)["latents"], expected, atol=1e-5, rtol=1e-4)
@@ -126,3 +136,44 @@ def test_a_control_cache_is_its_source_seen_through_the_transform(t2v_config, ca
                                                           "data.num_frames=5"))
     with pytest.raises(ValueError, match="names no transform"):
         transform_cache(cache, tmp_path / "none", _load(t2v_config))
+
+
+def test_keyed_caches_are_reused_and_posterior_sampling_resumes_exactly(t2v_config, cache, tmp_path):
+    """latents.cache_root: the run writes the cache keyed by its data, VAE and text encoder (the same contents as a
+    cache made by hand), the next run finds it instead of encoding; latents.sample draws new latents from the
+    cached posterior every step, from the step's generator, so a resumed run equals an uninterrupted one."""
+    import shutil
+
+    from dit.latent_cache import COMPLETE, LatentCache, cache_key, keyed_cache_dir
+    from vae.model import SSVAE
+
+    cfg = _load(t2v_config)
+    root = tmp_path / "caches"
+    common = ("run.max_steps=3", "sampling.enabled=false", "run.ema_decay=0", f"latents.cache_root={root}",
+              "latents.sample=true")
+    first = run_t2v(t2v_config, tmp_path / "whole", *common)
+    keyed = keyed_cache_dir(cfg, root)
+    assert (keyed / COMPLETE).is_file() and [p.name for p in root.iterdir()] == [keyed.name]
+    assert "encoding the data once" in first.stderr
+    by_hand, found = LatentCache(cache, posterior=True), LatentCache(keyed, posterior=True)
+    for i in range(8):  # the same encoding (by hand 3 clips per batch, in the run 4: equal up to float rounding)
+        for field in ("latents", "latents_logvar"):
+            torch.testing.assert_close(found.load(i)[field], by_hand.load(i)[field], atol=1e-5, rtol=1e-4)
+    run_t2v(t2v_config, tmp_path / "parts", *common, "run.stop_after=1")
+    resumed = run_t2v(t2v_config, tmp_path / "parts", *common)
+    assert "reused" in resumed.stderr and "encoding the data once" not in resumed.stderr
+    sampled = logged_losses(tmp_path / "whole")
+    assert logged_losses(tmp_path / "parts") == sampled  # exact resume
+    means = logged_losses(t2v_config.parent / "cached") if (t2v_config.parent / "cached").exists() else None
+    if means is not None:  # the mean-latent run of test_training_on_cached_latents_equals_on_the_fly
+        assert all(sampled[k] != means[k] for k in sampled)  # the draws differ from the means
+    # The key follows the weights and the clips, not where the VAE folder lives.
+    moved = tmp_path / "vae_copy"
+    shutil.copytree(cfg.first_stage.path, moved)
+    assert cache_key(_load(t2v_config, f"first_stage.path={moved}")) == keyed.name
+    assert cache_key(_load(t2v_config, "data.num_frames=5")) != keyed.name
+    vae = SSVAE.from_pretrained(moved)
+    with torch.no_grad():
+        next(vae.parameters()).add_(1e-3)
+    vae.save_pretrained(moved)
+    assert cache_key(_load(t2v_config, f"first_stage.path={moved}")) != keyed.name

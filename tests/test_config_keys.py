@@ -94,11 +94,18 @@ def test_a_cache_of_other_clips_is_refused_naming_the_data_key(tmp_path):
         "first_stage": {"kind": "ssvae", "path": str(stage), "latent_transform": ""}}))
     (cache / COMPLETE).write_text("{}")
     common = [f"first_stage.path={stage}", f"latents.cache_dir={cache}"]
-    check_cache_matches(load_config(T2VTrainConfig, T2V, common))  # the same clips: accepted
+    check_cache_matches(load_config(T2VTrainConfig, T2V, common), cache)  # the same clips: accepted
     with pytest.raises(ConfigError, match=r"^data\.height: 48, but the latent cache .* 9 frames of 64x64"):
-        check_cache_matches(load_config(T2VTrainConfig, T2V, [*common, "data.height=48"]))
+        check_cache_matches(load_config(T2VTrainConfig, T2V, [*common, "data.height=48"]), cache)
     with pytest.raises(ConfigError, match=r"^latents\.cache_dir: .* was made with first stage"):
-        check_cache_matches(load_config(T2VTrainConfig, T2V, [*common, f"first_stage.path={tmp_path}"]))
+        check_cache_matches(load_config(T2VTrainConfig, T2V, [*common, f"first_stage.path={tmp_path}"]), cache)
+    # A cache without log-variances (no "posterior": an older or a transformed cache) cannot be sampled.
+    with pytest.raises(ConfigError, match=r"^latents\.sample: .* holds posterior means only"):
+        check_cache_matches(load_config(T2VTrainConfig, T2V, [*common, "latents.sample=true"]), cache)
+    with pytest.raises(ConfigError, match=r"latents\.cache_root: give latents\.cache_dir .* not both"):
+        load_config(T2VTrainConfig, T2V, [*common, f"latents.cache_root={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"latents\.sample: draws from a cached posterior"):
+        load_config(T2VTrainConfig, T2V, [f"first_stage.path={stage}", "latents.sample=true"])
 
 
 def test_clips_the_first_stage_cannot_take_are_named():

@@ -65,6 +65,13 @@ def test_wan_first_stage_normalises_with_config_stats(tmp_path):
     torch.testing.assert_close(z, expected, atol=1e-5, rtol=1e-5)
     video = stage.decode(z)
     assert video.shape == x.shape and video.abs().max() <= 1
+    # The posterior in normalised units (what a latent cache stores): mean as encode, log-variance - 2 log std.
+    posterior_mean, logvar = stage.encode_posterior(x)
+    torch.testing.assert_close(posterior_mean, z, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        raw_logvar = vae.encode(x).latent_dist.logvar
+    torch.testing.assert_close(logvar, raw_logvar - 2 * torch.tensor(std).log().view(1, 4, 1, 1, 1), atol=1e-5,
+                               rtol=1e-5)
 
 
 def test_cogvideox_first_stage_scales(tmp_path):
@@ -84,6 +91,11 @@ def test_cogvideox_first_stage_scales(tmp_path):
     with torch.no_grad():
         raw = vae.eval().encode(x).latent_dist.mode()
     torch.testing.assert_close(z, raw * 0.7)
+    posterior_mean, logvar = stage.encode_posterior(x)
+    with torch.no_grad():
+        raw_logvar = vae.encode(x).latent_dist.logvar
+    torch.testing.assert_close(posterior_mean, z)
+    torch.testing.assert_close(logvar, raw_logvar + 2 * torch.tensor(0.7).log(), atol=1e-5, rtol=1e-5)
     assert z.shape == (1, *stage.latent_shape(9, 16, 16)) == (1, 4, 3, 2, 2)
     assert stage.decode(z).shape == x.shape
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from infra.config import check, join_key
 from infra.dtypes import torch_dtype
-from vae.inference import InferenceConfig, decode_latents, encode_video
+from vae.inference import InferenceConfig, decode_latents, encode_posterior_moments, encode_video
 from vae.model import SSVAE
 
 FIRST_STAGE_KINDS = ("ssvae", "wan", "cogvideox")
@@ -87,8 +87,22 @@ class FirstStage(nn.Module):
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def encode_posterior(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The posterior in normalised latent space, (mean, log-variance), both float32 like ``encode``'s latents;
+        None where there is none to give (a transformed stage: a channel-mixing transform makes it non-diagonal).
+        A latent cache stores both so that training can draw z = mean + exp(logvar / 2) * eps at every step."""
+        return None
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+def normalized_logvar(logvar: torch.Tensor, normalize) -> torch.Tensor:
+    """The log-variance after the per-channel affine ``normalize`` (z -> a z + b): logvar + 2 log |a|."""
+    shape = (1, logvar.shape[1]) + (1,) * (logvar.ndim - 2)
+    ones = torch.ones(shape, dtype=torch.float32, device=logvar.device)
+    scale = normalize(ones) - normalize(torch.zeros_like(ones))
+    return logvar.float().clamp(-30.0, 20.0) + 2.0 * scale.abs().log()
 
 
 class SSVAEFirstStage(FirstStage):
@@ -110,6 +124,12 @@ class SSVAEFirstStage(FirstStage):
         if not self.sample:
             return encode_video(model, video.to(self.dtype), self.inference)
         return model.normalize_latent(model.posterior(video.to(self.dtype)).sample().float())
+
+    @torch.no_grad()
+    def encode_posterior(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        model: SSVAE = self.vae
+        mean, logvar = encode_posterior_moments(model, video.to(self.dtype), self.inference).float().chunk(2, dim=1)
+        return model.normalize_latent(mean), normalized_logvar(logvar, model.normalize_latent)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -154,6 +174,11 @@ class _DiffusersFirstStage(FirstStage):
         dist = self.vae.encode(video.to(self.dtype)).latent_dist
         z = dist.sample() if self.sample else dist.mode()
         return self.normalize(z.float())
+
+    @torch.no_grad()
+    def encode_posterior(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.vae.encode(video.to(self.dtype)).latent_dist
+        return self.normalize(dist.mean.float()), normalized_logvar(dist.logvar, self.normalize)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

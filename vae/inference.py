@@ -133,6 +133,14 @@ def blend_tiles(
 @torch.no_grad()
 def encode_video(model: SSVAE, video: torch.Tensor, config: Optional[InferenceConfig] = None) -> torch.Tensor:
     """Normalised latent (posterior mean) of `video`, chunked and/or tiled as configured."""
+    mean = encode_posterior_moments(model, video, config)[:, : model.z_channels].float()
+    return model.normalize_latent(mean)
+
+
+@torch.no_grad()
+def encode_posterior_moments(model: SSVAE, video: torch.Tensor, config: Optional[InferenceConfig] = None) -> torch.Tensor:
+    """The encoder's raw moments (B, 2z, ...) (posterior mean, then log-variance) of `video`, chunked and/or tiled as
+    configured."""
     config = config or InferenceConfig()
     config.validate(model.spatial_compression)
     model.check_video(video)
@@ -147,8 +155,7 @@ def encode_video(model: SSVAE, video: torch.Tensor, config: Optional[InferenceCo
             m = moments(video)
         else:
             m = blend_tiles(moments, video, config.tile_size, config.tile_overlap, Fraction(1, model.spatial_compression))
-    mean = m[:, : model.z_channels].float()
-    return model.normalize_latent(mean)
+    return m
 
 
 @torch.no_grad()
