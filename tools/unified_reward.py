@@ -361,7 +361,8 @@ def _captions(meta: str | None, videos: list[Path]) -> dict[str, str]:
 
 def main(argv: list[str] | None = None, generate: Generator | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Score generated videos with a local UnifiedReward model.")
-    parser.add_argument("--model", required=True, help="local folder of the reward model (Qwen2.5-VL or Qwen3-VL, as its config says)")
+    parser.add_argument("--model", required=True,
+                        help="local folder of the reward model (Qwen2.5-VL or Qwen3-VL, as its config says)")
     parser.add_argument("--videos", required=True, help="folder of <key>.mp4 files")
     parser.add_argument("--meta", help=".meta.jsonl file or folder with captions (default: <key>.txt files)")
     parser.add_argument("--template", default="pointwise", help=f"one of {tuple(TEMPLATES)} or a text file")
