@@ -14,7 +14,8 @@
 # The default steps' boxes sum to 570 s, under the device tool's 600 s per command; the H200 (2026-12-04) took
 # 18 s, ~260 s, ~190 s, 29 s and 7 s for them (each training launch costs 40-45 s of start-up there).
 # The trainings need the wheels of scripts/gpu_wheelhouse.sh installed (deepspeed, omegaconf, webdataset, diffusers,
-# PyAV). Both use torch's AdamW (deepspeed.fused_optimizer=no): DeepSpeed's FusedAdam would JIT-compile first.
+# PyAV). Both use torch's fused AdamW kernel (deepspeed.fused_optimizer=torch, the GPU default since 2026-12-04; the
+# first H200 figures were with =no, torch's multi-tensor kernel): DeepSpeed's FusedAdam would JIT-compile first.
 #   bash bench/gpu_suite.sh [out_dir] [golden.safetensors]
 #   STEPS="check_cuda dit_2b" bash bench/gpu_suite.sh    # a subset
 #   SCALE=tiny STEPS="vae_train dit_train" bash bench/gpu_suite.sh    # CPU dry run of the trainings at tiny sizes
@@ -39,9 +40,9 @@ vae_scale=released; dit_scale=2b; vae_size=256; vae_frames=17
 [ "${SCALE:-}" = tiny ] && vae_scale=tiny && dit_scale=tiny && vae_size=64 && vae_frames=9
 step check_cuda 40 $py -m bench.check_cuda --golden "$golden"
 step dit_train 260 $py -m bench.bench_train_engine --task dit --scale $dit_scale --steps 10 --save-at 6 \
-  --resume-layers 2 --work "$work" model.gradient_checkpointing=false deepspeed.fused_optimizer=no
+  --resume-layers 2 --work "$work" model.gradient_checkpointing=false deepspeed.fused_optimizer=${FUSED:-torch}
 step vae_train 200 $py -m bench.bench_train_engine --task vae --scale $vae_scale --steps 30 --save-at 20 \
-  --work "$work" deepspeed.fused_optimizer=no optimizer.warmup_steps=0 disc_optimizer.warmup_steps=0
+  --work "$work" deepspeed.fused_optimizer=${FUSED:-torch} optimizer.warmup_steps=0 disc_optimizer.warmup_steps=0
 step dit_2b 50 $py -m bench.bench_dit --size 2b --steps 5 --impl ours
 step data_loader 20 $py -m bench.bench_data "$work/vae_$vae_scale/data" --frames $vae_frames --size $vae_size --repeats 1
 step vae_17x256 240 $py -m bench.bench_vae --repeats 3

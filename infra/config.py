@@ -65,6 +65,9 @@ class OptimizerConfig:
         check(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
 
 
+OPTIMIZER_KERNELS = ("auto", "torch", "yes", "no")  # deepspeed.fused_optimizer
+
+
 @dataclass
 class DeepSpeedConfig:
     """The ``deepspeed:`` section: what DeepSpeed does with every engine of the run."""
@@ -73,7 +76,9 @@ class DeepSpeedConfig:
     precision: str = "fp32"  # fp32 | bf16
     gradient_accumulation_steps: int = 1
     gradient_clipping: float = 1.0  # 0 disables clipping
-    fused_optimizer: str = "auto"  # auto (fused Adam on GPU, torch AdamW on CPU) | yes | no
+    # Which Adam(W) kernel: torch | yes (DeepSpeed's FusedAdam, JIT-built at start-up) | no (torch's default,
+    # multi-tensor) | auto (torch on GPU: torch's fused kernel needs no build; no elsewhere).
+    fused_optimizer: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)  # merged verbatim into the DeepSpeed JSON config
 
     def validate(self, prefix: str = "deepspeed") -> None:
@@ -84,8 +89,8 @@ class DeepSpeedConfig:
         check(self.gradient_clipping >= 0, f"{prefix}.gradient_clipping", "must be >= 0")
         # YAML reads a bare yes/no as a boolean, which the str field then holds as 'True'/'False'.
         self.fused_optimizer = {"True": "yes", "False": "no"}.get(self.fused_optimizer, self.fused_optimizer)
-        check(self.fused_optimizer in ("auto", "yes", "no"), f"{prefix}.fused_optimizer",
-              f"must be auto, yes or no, got {self.fused_optimizer!r}")
+        check(self.fused_optimizer in OPTIMIZER_KERNELS, f"{prefix}.fused_optimizer",
+              f"must be one of {OPTIMIZER_KERNELS}, got {self.fused_optimizer!r}")
 
 
 @dataclass

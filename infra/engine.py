@@ -15,8 +15,19 @@ from infra.config import ConfigError, DeepSpeedConfig, OptimizerConfig
 log = logging.getLogger(__name__)
 
 
-def deepspeed_config(ds: DeepSpeedConfig, opt: OptimizerConfig, world_size: int, use_fused: bool) -> dict:
-    """The JSON config DeepSpeed expects. The micro batch is nominal: our data loader, not DeepSpeed's, batches."""
+def optimizer_kernel(ds: DeepSpeedConfig, cuda: bool | None = None) -> str:
+    """``deepspeed.fused_optimizer`` resolved: "torch" (torch's fused AdamW kernel), "deepspeed" (FusedAdam) or
+    "default" (torch's multi-tensor AdamW)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return {"auto": "torch" if cuda else "default", "torch": "torch", "yes": "deepspeed",
+            "no": "default"}[ds.fused_optimizer]
+
+
+def deepspeed_config(ds: DeepSpeedConfig, opt: OptimizerConfig, world_size: int, kernel: str = "default") -> dict:
+    """The JSON config DeepSpeed expects. The micro batch is nominal: our data loader, not DeepSpeed's, batches.
+    ``kernel``: see ``optimizer_kernel``."""
+    if kernel not in ("torch", "deepspeed", "default"):
+        raise ValueError(f"kernel must be torch, deepspeed or default, got {kernel!r}")
     cfg = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": ds.gradient_accumulation_steps,
@@ -28,9 +39,12 @@ def deepspeed_config(ds: DeepSpeedConfig, opt: OptimizerConfig, world_size: int,
             "type": "AdamW" if opt.type == "adamw" else "Adam",
             "params": {
                 "lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay,
-                # torch's own (Adam)W on CPU: DeepSpeed would otherwise JIT-compile FusedAdam/CPUAdam (~45 s each).
-                "torch_adam": not use_fused,
-                **({"adam_w_mode": opt.type == "adamw"} if use_fused else {}),
+                # torch's own (Adam)W unless FusedAdam is asked for: DeepSpeed JIT-compiles FusedAdam/CPUAdam at
+                # start-up (~45 s each, and only where a CUDA toolkit is installed). DeepSpeed passes the other
+                # parameters on to torch, "fused" among them.
+                "torch_adam": kernel != "deepspeed",
+                **({"adam_w_mode": opt.type == "adamw"} if kernel == "deepspeed" else {}),
+                **({"fused": True} if kernel == "torch" else {}),
             },
         },
         "steps_per_print": 10**9,  # the trainer logs; keep DeepSpeed quiet
@@ -59,7 +73,7 @@ def build_engine(module: nn.Module, ds: DeepSpeedConfig, opt: OptimizerConfig, w
     import deepspeed
 
     cuda = torch.cuda.is_available()
-    use_fused = {"auto": cuda, "yes": True, "no": False}[ds.fused_optimizer]
+    kernel = optimizer_kernel(ds, cuda)
     if ds.precision == "bf16" and not cuda:
         log.warning("bf16 on CPU runs, but slowly; fp32 is the usual CPU choice")
     if mpu is not None:
@@ -71,11 +85,15 @@ def build_engine(module: nn.Module, ds: DeepSpeedConfig, opt: OptimizerConfig, w
 
     try:
         engine, _, _, _ = deepspeed.initialize(
-            model=module, model_parameters=params, mpu=mpu, config=deepspeed_config(ds, opt, world_size, use_fused))
+            model=module, model_parameters=params, mpu=mpu, config=deepspeed_config(ds, opt, world_size, kernel))
     except ValidationError as err:  # DeepSpeed checks its JSON with pydantic; say which of our keys fed it
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
         raise ConfigError(f"deepspeed.extra: DeepSpeed refused the configuration built from the deepspeed section "
                           f"({problems})") from None
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
+    log.info("%s: optimizer %s (deepspeed.fused_optimizer=%s: fused=%s, foreach=%s)", type(module).__name__,
+             type(inner).__name__, ds.fused_optimizer, getattr(inner, "defaults", {}).get("fused"),
+             getattr(inner, "defaults", {}).get("foreach"))
     return engine
 
 

@@ -56,7 +56,8 @@ def test_missing_file_and_malformed_override():
         load_config(VAETrainConfig, ROOT / "configs/vae/tiny.yaml", ["run.max_steps"])
 
 
-@pytest.mark.parametrize("value, expected", [("no", "no"), ("yes", "yes"), ("auto", "auto"), ("false", "no")])
+@pytest.mark.parametrize("value, expected", [("no", "no"), ("yes", "yes"), ("auto", "auto"), ("false", "no"),
+                                             ("torch", "torch")])
 def test_fused_optimizer_accepts_yaml_yes_no(value, expected):
     # YAML (and so a key=value override) reads a bare yes/no as a boolean; the setting must still mean yes/no.
     cfg = load_config(VAETrainConfig, ROOT / "configs/vae/tiny.yaml",

@@ -126,7 +126,7 @@ def _deepspeed_worker(rank: int, port: int) -> None:
         mpu = DeepSpeedMPU(tp_group, dp_group)
         engine, _, _, _ = deepspeed.initialize(
             model=parallel, model_parameters=list(parallel.parameters()), mpu=mpu,
-            config=deepspeed_config(ds, opt, world_size=mpu.get_data_parallel_world_size(), use_fused=False))
+            config=deepspeed_config(ds, opt, world_size=mpu.get_data_parallel_world_size(), kernel="default"))
         latents, text, timestep = torch.randn(2, 2, 16, 4, 4), torch.randn(2, 8, 32), torch.tensor([3, 800])
         target = torch.randn_like(latents)
 

@@ -95,3 +95,15 @@ def test_gradient_accumulation_resume_is_exact(tmp_path):
     assert state["data_position"] == 6  # two micro-batches per optimizer step
     _run(parts, "deepspeed.gradient_accumulation_steps=2")
     assert _losses(whole) == _losses(parts)
+
+
+def test_torch_fused_adamw_kernel_is_used_and_trains_the_same(tmp_path):
+    """deepspeed.fused_optimizer=torch hands DeepSpeed torch's fused AdamW kernel (no JIT build, unlike FusedAdam):
+    the same updates as the default multi-tensor kernel up to float rounding."""
+    fused = _run(tmp_path / "fused", "deepspeed.fused_optimizer=torch")
+    plain = _run(tmp_path / "plain", "deepspeed.fused_optimizer=no")
+    assert "optimizer AdamW (deepspeed.fused_optimizer=torch: fused=True" in fused.stderr
+    assert "fused=True" not in plain.stderr
+    a, b = _losses(tmp_path / "fused"), _losses(tmp_path / "plain")
+    assert sorted(a) == sorted(b) == list(range(1, 7)) and len(set(a.values())) == 6
+    assert list(a.values()) == pytest.approx(list(b.values()), rel=1e-5)
