@@ -107,3 +107,27 @@ def test_torch_fused_adamw_kernel_is_used_and_trains_the_same(tmp_path):
     a, b = _losses(tmp_path / "fused"), _losses(tmp_path / "plain")
     assert sorted(a) == sorted(b) == list(range(1, 7)) and len(set(a.values())) == 6
     assert list(a.values()) == pytest.approx(list(b.values()), rel=1e-5)
+
+
+def test_ema_update_is_the_per_parameter_lerp_of_trainable_weights():
+    import torch
+
+    from infra.ema import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 2))
+    model[1].bias.requires_grad_(False)  # frozen: not averaged
+    ema = EMA(model, decay=0.9)
+    expected = {k: v.clone() for k, v in ema.shadow.items()}
+    assert "1.bias" not in expected
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+        for name, p in model.named_parameters():
+            if name in expected:
+                expected[name] = expected[name] + 0.1 * (p.detach() - expected[name])
+    for name, value in expected.items():
+        torch.testing.assert_close(ema.shadow[name], value, atol=1e-6, rtol=0)
+        assert not torch.equal(ema.shadow[name], dict(model.named_parameters())[name])  # an average, not a copy
