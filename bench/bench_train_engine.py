@@ -200,9 +200,11 @@ def summarize(task: str, whole: list[dict], parts: list[dict], save_at: int) -> 
     }
 
 
-def speed(task: str, metrics: list[dict], info: dict, warmup: int) -> dict:
-    """Step time, throughput, peak memory and (DiT) MFU of one run's logged steps after ``warmup``."""
-    timed = [r for r in metrics if "step_s" in r and r["step"] > warmup]
+def speed(task: str, metrics: list[dict], info: dict, warmup: int, profiled_from: int = 0) -> dict:
+    """Step time, throughput, peak memory and (DiT) MFU of one run's logged steps after ``warmup`` (and before
+    ``profiled_from``, when steps were profiled: the profiler slows them)."""
+    timed = [r for r in metrics if "step_s" in r and r["step"] > warmup
+             and not (profiled_from and r["step"] >= profiled_from)]
     step_s = statistics.median(r["step_s"] for r in timed) if timed else None
     out = {"step_s_median": step_s, "samples_per_s_median":
            statistics.median(r["samples_per_s"] for r in timed) if timed else None,
@@ -217,6 +219,12 @@ def speed(task: str, metrics: list[dict], info: dict, warmup: int) -> dict:
     return out
 
 
+def top_ops(run: Path, rows: int = 25) -> dict:
+    """The head of the run's profiler table (``infra.step_profiler``), when it profiled."""
+    path = run / "profile" / "ops.txt"
+    return {"profile_top_ops": path.read_text().splitlines()[:rows + 4]} if path.is_file() else {}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", choices=sorted(SCALES), required=True)
@@ -228,6 +236,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--resume-layers", type=int, default=0,
                         help="DiT: time a full-size run (one checkpoint, at the end), then check resume on a model "
                              "of this many layers (a 2B checkpoint with optimizer states is ~28 GB per save)")
+    parser.add_argument("--profile", type=int, default=0,
+                        help="profile this many last steps of the timed run (run.profile_at): the top operators go "
+                             "into the JSON, ops.txt and trace.json stay in the run folder")
     parser.add_argument("--launcher", choices=("deepspeed", "python"), default="deepspeed")
     parser.add_argument("--work", default="runs/bench_train_engine")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per training run")
@@ -239,6 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--save-at must be in (0, --steps), got {args.save_at} with --steps {args.steps}")
     if args.resume_layers and args.task != "dit":
         parser.error("--resume-layers is for --task dit")
+    if not 0 <= args.profile <= args.steps - args.warmup - 2:
+        parser.error(f"--profile must leave at least 2 timed steps after --warmup {args.warmup}, got {args.profile}")
     import torch
 
     cuda = torch.cuda.is_available()
@@ -253,22 +266,28 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"task": args.task, "scale": args.scale, "device": torch.cuda.get_device_name() if cuda else "cpu",
               "torch": torch.__version__, "launcher": args.launcher, "precision": "bf16" if cuda else "fp32",
               "steps": args.steps, "save_at": args.save_at, "extra_overrides": args.overrides, **info}
+    profiled_from = args.steps - args.profile + 1 if args.profile else 0
+    profile = [f"run.profile_at={profiled_from}", f"run.profile_steps={args.profile}"] if args.profile else []
     if args.resume_layers:
         run = work / "speed"
-        wall = launch(module, config, [f"run.output_dir={run}", *overrides, "run.save_every=0"], args.launcher,
-                      args.timeout, log)
-        result.update(wall_s_speed_run=round(wall, 1), **speed(args.task, read_metrics(run), info, args.warmup))
+        wall = launch(module, config, [f"run.output_dir={run}", *overrides, *profile, "run.save_every=0"],
+                      args.launcher, args.timeout, log)
+        result.update(wall_s_speed_run=round(wall, 1),
+                      **speed(args.task, read_metrics(run), info, args.warmup, profiled_from), **top_ops(run))
         shutil.rmtree(run / "checkpoints", ignore_errors=True)  # tens of GB at 2B
         overrides += [f"model.overrides.num_layers={args.resume_layers}"]
         result["resume_check_num_layers"] = args.resume_layers
     whole, parts = work / "whole", work / "parts"
-    wall = launch(module, config, [f"run.output_dir={whole}", *overrides], args.launcher, args.timeout, log)
+    timed_profile = [] if args.resume_layers else profile
+    wall = launch(module, config, [f"run.output_dir={whole}", *overrides, *timed_profile], args.launcher, args.timeout,
+                  log)
     launch(module, config, [f"run.output_dir={parts}", *overrides, f"run.stop_after={args.save_at}"],
            args.launcher, args.timeout, log)
     launch(module, config, [f"run.output_dir={parts}", *overrides], args.launcher, args.timeout, log)
     whole_metrics = read_metrics(whole)
     if not args.resume_layers:
-        result.update(wall_s_whole_run=round(wall, 1), **speed(args.task, whole_metrics, info, args.warmup))
+        result.update(wall_s_whole_run=round(wall, 1),
+                      **speed(args.task, whole_metrics, info, args.warmup, profiled_from), **top_ops(whole))
     result.update(summarize(args.task, whole_metrics, read_metrics(parts), args.save_at))
     print(json.dumps(result, indent=1))
     return result

@@ -4,7 +4,8 @@
 # stderr to $1/stderr.log, the trainings' logs and metrics to $1/train_logs.tgz:
 #   check_cuda   numerical checks on CUDA (SSVAE golden file fp32/bf16, our DiT vs diffusers')
 #   dit_train    CogVideoX-2B on SSVAE latents under the deepspeed launcher, bf16, ZeRO-2: step time, tokens/s, peak
-#                memory, MFU; then checkpoint + resume compared step by step on a 2-layer model of the same width
+#                memory, MFU, the top operators of its last 3 steps (torch.profiler: where the engine's time goes);
+#                then checkpoint + resume compared step by step on a 2-layer model of the same width
 #   vae_train    the released stage-1 SSVAE (315M), 17x256, bf16, ZeRO-2, LPIPS + LCR + LMR, PatchGAN from step 10,
 #                30 steps at the full learning rate (the recipe's 1000-step warm-up would hold it near 2e-6),
 #                checkpoint at 20 and resume compared with the uninterrupted run
@@ -39,7 +40,7 @@ step() {  # name, seconds, command...
 vae_scale=released; dit_scale=2b; vae_size=256; vae_frames=17
 [ "${SCALE:-}" = tiny ] && vae_scale=tiny && dit_scale=tiny && vae_size=64 && vae_frames=9
 step check_cuda 40 $py -m bench.check_cuda --golden "$golden"
-step dit_train 260 $py -m bench.bench_train_engine --task dit --scale $dit_scale --steps 10 --save-at 6 \
+step dit_train 260 $py -m bench.bench_train_engine --task dit --scale $dit_scale --steps 10 --save-at 6 --profile 3 \
   --resume-layers 2 --work "$work" model.gradient_checkpointing=false deepspeed.fused_optimizer=${FUSED:-torch}
 step vae_train 200 $py -m bench.bench_train_engine --task vae --scale $vae_scale --steps 30 --save-at 20 \
   --work "$work" deepspeed.fused_optimizer=${FUSED:-torch} optimizer.warmup_steps=0 disc_optimizer.warmup_steps=0

@@ -112,6 +112,8 @@ class RunConfig:
     wandb_project: str = "ssvae-stack"
     progress_bar: bool = True
     stop_after: int = 0  # stop (as if interrupted) after this step; 0 = run to max_steps. Used to test resume.
+    profile_at: int = 0  # profile steps profile_at .. + profile_steps - 1 into <output_dir>/profile (0: off)
+    profile_steps: int = 3
 
     def validate(self, prefix: str = "run") -> None:
         check(self.max_steps >= 1, f"{prefix}.max_steps", f"must be >= 1, got {self.max_steps}")
@@ -120,6 +122,8 @@ class RunConfig:
         check(self.keep_last >= 1, f"{prefix}.keep_last", "must be >= 1")
         check(0.0 <= self.ema_decay < 1.0, f"{prefix}.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         check(self.stop_after >= 0, f"{prefix}.stop_after", "must be >= 0")
+        check(self.profile_at >= 0 and self.profile_steps >= 1, f"{prefix}.profile_at/profile_steps",
+              f"must be >= 0 and >= 1, got {self.profile_at} and {self.profile_steps}")
 
 
 # ----------------------------------------------------------------------------------------------------- loading

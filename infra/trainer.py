@@ -26,6 +26,7 @@ from infra.ema import EMA
 from infra.engine import build_engine, set_learning_rate
 from infra.metric_log import MetricLogger
 from infra.schedule import learning_rate
+from infra.step_profiler import StepProfiler
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,9 @@ class Trainer:
         if self.run.eval_at_start and self.step == 0:
             last_eval = self._evaluate()
         tick, samples, window_start = time.perf_counter(), 0, self.step
+        profiler = StepProfiler(self.run.output_dir, self.run.profile_at, self.run.profile_steps, self.dist.is_main)
         while self.step < stop_at:
+            profiler.start(self.step + 1)
             for name, spec in self.specs.items():
                 set_learning_rate(self.engines[name], learning_rate(spec.optimizer, self.step))
             for _ in range(accum):
@@ -201,6 +204,7 @@ class Trainer:
             for name, ema in self.emas.items():
                 ema.update(self.engines[name].module)
             self.step += 1
+            profiler.stop(self.step)
             bar.update(1)
             if self.step % self.run.log_every == 0 or self.step == stop_at:
                 elapsed = time.perf_counter() - tick

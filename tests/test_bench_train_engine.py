@@ -34,3 +34,9 @@ def test_speed_takes_the_median_after_warmup_and_mfu_from_model_flops():
     assert out["mfu_vs_measured_790"] == pytest.approx(1.0)
     assert out["tokens_per_s"] == pytest.approx(2 * 110 / 4.0)
     assert "mfu_vs_measured_790" not in speed("vae", rows, {}, warmup=2)
+
+
+def test_profiled_steps_are_left_out_of_the_step_time():
+    rows = _rows([1.0] * 6)  # step_s 1 .. 6
+    assert speed("vae", rows, {}, warmup=2)["step_s_median"] == 4.5  # steps 3..6
+    assert speed("vae", rows, {}, warmup=2, profiled_from=5)["step_s_median"] == 3.5  # steps 3, 4

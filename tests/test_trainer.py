@@ -131,3 +131,11 @@ def test_ema_update_is_the_per_parameter_lerp_of_trainable_weights():
     for name, value in expected.items():
         torch.testing.assert_close(ema.shadow[name], value, atol=1e-6, rtol=0)
         assert not torch.equal(ema.shadow[name], dict(model.named_parameters())[name])  # an average, not a copy
+
+
+def test_profiled_steps_write_an_operator_table_and_a_trace(tmp_path):
+    _run(tmp_path / "prof", "run.profile_at=2", "run.profile_steps=2")
+    ops = (tmp_path / "prof/profile/ops.txt").read_text()
+    assert ops.startswith("steps 2..3, sorted by self_cpu_time_total") and "aten::" in ops
+    assert json.loads((tmp_path / "prof/profile/trace.json").read_text())["traceEvents"]
+    assert sorted(_losses(tmp_path / "prof")) == list(range(1, 7))  # training itself goes on unchanged
