@@ -74,7 +74,7 @@ def build_pipeline(cfg: T2VTrainConfig, dit_folder: str | Path):
 
 def export_pipeline(cfg: T2VTrainConfig, dit_folder: str | Path, out: str | Path) -> Path:
     """Write the run's pipeline folder to ``out`` (replacing one there); returns ``out``."""
-    from vae.standalone import CLASS_NAME, MODULE_NAME, write_standalone_module
+    from vae.standalone import CLASS_NAME, MODULE_NAME, make_self_contained
 
     from . import pipeline_ssvae_cogvideox
 
@@ -90,7 +90,7 @@ def export_pipeline(cfg: T2VTrainConfig, dit_folder: str | Path, out: str | Path
     index["vae"] = [MODULE_NAME, CLASS_NAME]
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     shutil.copyfile(pipeline_ssvae_cogvideox.__file__, partial / f"{PIPELINE_MODULE}.py")
-    write_standalone_module(partial / "vae")
+    make_self_contained(partial / "vae")
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)

@@ -97,6 +97,48 @@ def test_converter_from_our_folder(tiny_ssvae, tmp_path):
         convert(tmp_path / "x")
 
 
+def test_converted_folder_loads_through_automodel_without_our_code(tiny_ssvae, tmp_path):
+    """The folder carries the model's code (vae.standalone): diffusers.AutoModel loads it in a process where our
+    packages cannot be imported, with the same decoder numbers."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    tiny_ssvae.save_pretrained(tmp_path / "ours")
+    main(["--ssvae", str(tmp_path / "ours"), "--out", str(tmp_path / "diffusers")])
+    assert json.loads((tmp_path / "diffusers/config.json").read_text())["auto_map"] == {
+        "AutoModel": "autoencoder_kl_ssvae.AutoencoderKLSSVAE"}
+    z = torch.randn(1, 6, 2, 3, 3)
+    save_file({"z": z}, str(tmp_path / "z.safetensors"))
+    script = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("vae", "dit", "infra", "tools"):
+            raise ImportError(name)
+sys.meta_path.insert(0, Block())
+import torch
+from diffusers import AutoModel
+from safetensors.torch import load_file, save_file
+model = AutoModel.from_pretrained({str(tmp_path / "diffusers")!r}, trust_remote_code=True)
+with torch.no_grad():
+    video = model.decode(load_file({str(tmp_path / "z.safetensors")!r})["z"]).sample
+save_file({{"video": video.contiguous()}}, {str(tmp_path / "video.safetensors")!r})
+print(type(model).__name__, type(model).__module__)
+"""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "AutoencoderKLSSVAE" in proc.stdout and "autoencoder_kl_ssvae" in proc.stdout
+    with torch.no_grad():
+        expected = tiny_ssvae.decoder(z)
+    torch.testing.assert_close(load_file(str(tmp_path / "video.safetensors"))["video"], expected, atol=1e-5, rtol=0)
+
+
 def test_golden_released_numbers_through_the_converter(shared_dir, tmp_path):
     path = shared_dir / "reference" / "ssvae_golden_tiny.safetensors"
     with safe_open(str(path), "pt") as f:

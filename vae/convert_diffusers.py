@@ -5,7 +5,9 @@
         [--latent-stats ssvae_official_latent_stats.json] --out ssvae-diffusers
 
 The released Lightning checkpoint is read weights-only (``torch.load(weights_only=True)``): no pickled code runs.
-The folder then loads with ``AutoencoderKLSSVAE.from_pretrained(folder)``.
+The folder then loads with ``AutoencoderKLSSVAE.from_pretrained(folder)``, or where our packages are not installed
+with ``diffusers.AutoModel.from_pretrained(folder, trust_remote_code=True)``: it carries the model's code
+(``vae.standalone``).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 from vae.diffusers_model import AutoencoderKLSSVAE
 from vae.model import SSVAE
 from vae.official import load_official
+from vae.standalone import make_self_contained
 
 
 def convert(out: str | Path, ssvae: str | Path | None = None, official: str | Path | None = None,
@@ -39,6 +42,7 @@ def convert(out: str | Path, ssvae: str | Path | None = None, official: str | Pa
         model = load_official(official, official_config, latent_stats)
     converted = AutoencoderKLSSVAE.from_ssvae(model)
     converted.save_pretrained(str(out))
+    make_self_contained(out)
     return converted
 
 
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
     convert(args.out, args.ssvae, args.official, args.official_config, args.latent_stats)
-    print(f"wrote {args.out}: AutoencoderKLSSVAE.from_pretrained({args.out!r})")
+    print(f"wrote {args.out}: diffusers.AutoModel.from_pretrained({args.out!r}, trust_remote_code=True)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """The source of ``AutoencoderKLSSVAE`` as one self-contained module, for folders that must load without our code.
 
-A diffusers pipeline folder (``dit.export_pipeline``) can name custom component classes by a module file inside the
+A diffusers model folder with an ``auto_map`` in its config (``make_self_contained``) loads through
+``diffusers.AutoModel.from_pretrained(folder, trust_remote_code=True)`` from a module file inside it, and a diffusers
+pipeline folder (``dit.export_pipeline``) can name custom component classes by a module file inside the
 folder (``model_index.json``: ``"vae": ["autoencoder_kl_ssvae", "AutoencoderKLSSVAE"]`` and
 ``vae/autoencoder_kl_ssvae.py``); ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` imports that
 file where only torch, diffusers and transformers are installed. diffusers copies the named file and the files it
@@ -17,6 +19,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import json
 from pathlib import Path
 
 MODULE_NAME = "autoencoder_kl_ssvae"  # the file name (and so the model_index.json library name) in exported folders
@@ -111,3 +114,18 @@ def write_standalone_module(folder: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(standalone_source())
     return path
+
+
+def make_self_contained(folder: str | Path) -> Path:
+    """Give a saved ``AutoencoderKLSSVAE`` folder its own code: ``autoencoder_kl_ssvae.py`` beside the weights and an
+    ``auto_map`` in ``config.json``, so that ``diffusers.AutoModel.from_pretrained(folder, trust_remote_code=True)``
+    loads it where our packages are not installed (and a pipeline's ``model_index.json`` can name it)."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    if config.get("_class_name") != CLASS_NAME:
+        raise ValueError(f"{folder} is not an {CLASS_NAME} folder (config _class_name {config.get('_class_name')!r})")
+    write_standalone_module(folder)
+    config["auto_map"] = {"AutoModel": f"{MODULE_NAME}.{CLASS_NAME}"}
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder
