@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from infra.config import ConfigError, load_config
+from infra.config import ConfigError
 
 from .train_config import T2VTrainConfig
 
@@ -98,22 +98,16 @@ def export_pipeline(cfg: T2VTrainConfig, dit_folder: str | Path, out: str | Path
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from .runtime import EXPORT_DIR
+    from .runtime import add_run_arguments, run_from_arguments
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", help="a training's output folder (its config.yaml and dit/)")
-    parser.add_argument("--config", help="run YAML (default: <run>/config.yaml)")
-    parser.add_argument("--dit", help="diffusers transformer folder (default: <run>/dit)")
     parser.add_argument("--out", required=True, help="the pipeline folder to write")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the run config, e.g. sampling.sampler=dpm++")
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
-    if not args.run and not (args.config and args.dit):
-        parser.error("give --run, or both --config and --dit")
-    cfg = load_config(T2VTrainConfig, args.config or Path(args.run) / "config.yaml", args.overrides)
-    out = export_pipeline(cfg, args.dit or Path(args.run) / EXPORT_DIR, args.out)
+    cfg, dit_folder = run_from_arguments(parser, args)
+    out = export_pipeline(cfg, dit_folder, args.out)
     print(f"wrote {out}: DiffusionPipeline.from_pretrained({str(out)!r}, trust_remote_code=True)")
     return out
-
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)

@@ -21,6 +21,25 @@ from .transformer import CogVideoXTransformer, adaln_zero_init
 EXPORT_DIR = "dit"  # <output_dir>/dit: the final weights as a diffusers folder
 
 
+def add_run_arguments(parser) -> None:
+    """The command-line options naming a trained run: ``--run`` (its output folder), or ``--config`` and ``--dit``
+    (one overriding the run's), plus ``key=value`` overrides; read them back with ``run_from_arguments``."""
+    parser.add_argument("--run", help="a training's output folder (its config.yaml and dit/)")
+    parser.add_argument("--config", help="run YAML (default: <run>/config.yaml)")
+    parser.add_argument("--dit", help="diffusers transformer folder (default: <run>/dit)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the run config, e.g. sampling.steps=20")
+
+
+def run_from_arguments(parser, args) -> tuple[T2VTrainConfig, Path]:
+    """The run's validated config and its DiT folder, from ``add_run_arguments``' options."""
+    from infra.config import load_config
+
+    if not args.run and not (args.config and args.dit):
+        parser.error("give --run, or both --config and --dit")
+    cfg = load_config(T2VTrainConfig, args.config or Path(args.run) / "config.yaml", args.overrides)
+    return cfg, Path(args.dit or Path(args.run) / EXPORT_DIR)
+
+
 def build_first_stage(cfg: T2VTrainConfig, device: torch.device) -> FirstStage:
     return load_first_stage(cfg.first_stage, device=device).eval().requires_grad_(False)
 

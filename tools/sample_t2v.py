@@ -16,29 +16,21 @@ from pathlib import Path
 
 import torch
 
-from infra.config import load_config
-
 
 def main(argv: list[str] | None = None) -> list[Path]:
     from dit.convert import from_diffusers
-    from dit.runtime import (EXPORT_DIR, build_first_stage, build_frozen_text_encoder, encode_text, sample_prompts,
-                             uses_text_mask)
-    from dit.train_config import T2VTrainConfig
+    from dit.runtime import (add_run_arguments, build_first_stage, build_frozen_text_encoder, encode_text,
+                             run_from_arguments, sample_prompts, uses_text_mask)
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", help="a training's output folder (its config.yaml and dit/)")
-    parser.add_argument("--config", help="run YAML (default: <run>/config.yaml)")
-    parser.add_argument("--dit", help="diffusers transformer folder (default: <run>/dit)")
     parser.add_argument("--out", required=True, help="folder for the mp4 files")
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable); default: sampling.prompts")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sampling.steps=20")
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
-    if not args.run and not (args.config and args.dit):
-        parser.error("give --run, or both --config and --dit")
-    cfg = load_config(T2VTrainConfig, args.config or Path(args.run) / "config.yaml", args.overrides)
+    cfg, dit_folder = run_from_arguments(parser, args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
-    model = from_diffusers(args.dit or Path(args.run) / EXPORT_DIR).to(device, dtype).eval()
+    model = from_diffusers(dit_folder).to(device, dtype).eval()
     first_stage = build_first_stage(cfg, device)
     text_encoder = build_frozen_text_encoder(cfg, device)
     states, mask = encode_text(text_encoder, args.prompt or cfg.sampling.prompts, device)
