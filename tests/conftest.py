@@ -42,3 +42,32 @@ def lora_whole(lora_runs):
     config, root = lora_runs
     run_t2v(config, root / "whole", f"lora.base={root / 'base/dit'}", *LORA_ARGS)
     return root / "whole"
+
+
+@pytest.fixture
+def one_process_group():
+    """A one-process gloo group in this process (what ``build_engine`` joins), torn down after the test so that tests
+    starting their own groups find none."""
+    from infra.distributed import free_port
+
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    try:
+        yield
+    finally:
+        import deepspeed.comm.comm as ds_comm
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        ds_comm.cdb = None
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
