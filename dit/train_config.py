@@ -82,7 +82,9 @@ class LatentsConfig:
 
     cache_dir: str = ""  # empty: encode on the fly with the first stage and the text encoder
     # A folder of caches named by what made them (dit.latent_cache.cache_key): the run uses the cache of its data,
-    # first stage and text encoder there, and writes it first if no run has. Exclusive with cache_dir.
+    # first stage and text encoder there, and writes it first if no run has (on the main process while the others
+    # wait at a barrier; for data sets that take longer than the process group's timeout to encode, write it first
+    # with `tools.cache_latents --root`). Exclusive with cache_dir.
     cache_root: str = ""
     # Train on draws from the cached posterior, mean + exp(logvar / 2) * eps, new at every step; false: on its mean.
     sample: bool = False
