@@ -269,6 +269,10 @@ def test_shipped_study_configs_validate(monkeypatch):
         study = Study(cfg, name)
         vae = study.vae_config(cfg.variants[-1])
         assert str(study.data / "default") in vae.data.video_roots
+        # The DiT's reward is measured at 6 or more points of training, the last one at its final step.
+        run = study.t2v_config(cfg.variants[0], cfg.seeds[0]).run
+        assert run.max_steps % run.eval_every == 0, name
+        assert run.eval_at_start + run.max_steps // run.eval_every >= 6, name
     tiny = load_config(StudyConfig, "configs/study/tiny.yaml")
     assert [v.name for v in tiny.variants] == ["baseline", "lcr", "lmr", "lcr_lmr", "lcr_lmr_checker",
                                                "lcr_lmr_white"]
