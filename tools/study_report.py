@@ -129,7 +129,8 @@ def plot_rewards(curves: dict[str, dict[int, Curve]], threshold: float, path: st
         if not mean:
             continue
         xs = [s for s, _ in mean]
-        line, = ax.plot(xs, [r for _, r in mean], marker="o", markersize=3, label=f"{variant} ({len(seeds)} seeds)")
+        label = f"{variant} ({len(seeds)} seed{'' if len(seeds) == 1 else 's'})"
+        line, = ax.plot(xs, [r for _, r in mean], marker="o", markersize=3, label=label)
         if len(seeds) > 1:
             rows = [dict(c) for c in seeds.values()]
             low = [min(r[s] for r in rows) for s in xs]
