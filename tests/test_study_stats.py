@@ -86,3 +86,12 @@ def test_rank_correlations():
                             {"o": {"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4}, "short": {"a": 1.0}})
     assert out["p"]["o"]["rho"] == pytest.approx(1.0) and out["p"]["o"]["n"] == 3
     assert out["p"]["short"]["rho"] is None
+
+
+def test_interval_with_never_reached_resamples_is_open_ended_not_nan():
+    # 10 % of resamples never reach the threshold (speed-up inf): the upper end is inf, the lower one finite.
+    from tools.study_stats import _interval
+
+    values = np.concatenate([np.linspace(2.0, 4.0, 90), np.full(10, np.inf)])
+    lo, hi = _interval(values)
+    assert 2.0 <= lo < 2.2 and math.isinf(hi) and hi > 0

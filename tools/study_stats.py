@@ -74,7 +74,10 @@ def _interval(values: np.ndarray) -> Optional[list[float]]:
     values = values[~np.isnan(values)]
     if not len(values):
         return None
-    lo, hi = np.percentile(values, [100 * (1 - LEVEL) / 2, 100 * (1 + LEVEL) / 2], method="linear")
+    # Each end taken at the sample on its outer side rather than interpolated: with infinite values (a curve that
+    # never reaches the threshold) linear interpolation gives 0 * inf = NaN at an end.
+    lo = np.percentile(values, 100 * (1 - LEVEL) / 2, method="lower")
+    hi = np.percentile(values, 100 * (1 + LEVEL) / 2, method="higher")
     return [float(lo), float(hi)]
 
 
