@@ -95,3 +95,10 @@ def test_interval_with_never_reached_resamples_is_open_ended_not_nan():
     values = np.concatenate([np.linspace(2.0, 4.0, 90), np.full(10, np.inf)])
     lo, hi = _interval(values)
     assert 2.0 <= lo < 2.2 and math.isinf(hi) and hi > 0
+
+
+def test_speed_up_when_a_curve_reaches_the_threshold_at_step_zero():
+    # Both curves reach the threshold at the first evaluation: speed-up 1, no division by zero.
+    tables = {name: {0: {0: [0.9, 0.9], 10: [0.9, 0.9]}} for name in ("base", "v")}
+    stats = bootstrap(tables, 0.5, "base", resamples=200)
+    assert stats["variants"]["v"]["vs_baseline"]["speed_up"] == 1.0

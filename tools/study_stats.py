@@ -150,7 +150,9 @@ def _paired(variant: dict, base: dict, est: dict, base_est: dict) -> dict:
         speed = np.where(both_never, np.nan, base["steps"] / variant["steps"])
     speed_point = None
     if est["steps"] is not None and base_est["steps"] is not None:
-        speed_point = base_est["steps"] / est["steps"]
+        # Reached at the first evaluation (step 0): no speed-up is measurable against another curve doing the same.
+        b, v = base_est["steps"], est["steps"]
+        speed_point = b / v if v > 0 else (1.0 if b == 0 else math.inf)
     out = {"speed_up": speed_point, "speed_up_ci": _interval(speed),
            "speed_up_undecided_fraction": float(both_never.mean())}
     for key in ("final", "auc"):
