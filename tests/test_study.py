@@ -374,3 +374,85 @@ def test_prompt_reconstructions_bound_what_samples_can_score(tmp_path, monkeypat
     text = markdown_tables(summary, {"a": {"reconstruction_reward": perfect}, "b": {"reconstruction_reward": blank}}, {})
     assert "rec. reward" in text and f"| {perfect['mean']:.3f} |" in text
     assert "**b: the VAE's own reconstructions score under half" in text
+
+
+@pytest.mark.parametrize("launcher, match", [
+    ("launcher: {parallel_runs: 0}\n", "launcher.parallel_runs"),
+    ("launcher: {omp_threads: 2, parallel_runs: 3}\n", "launcher.parallel_runs"),
+])
+def test_parallel_runs_errors_name_the_key(tmp_path, monkeypatch, launcher, match):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    with pytest.raises(ConfigError, match=match.replace(".", r"\.")):
+        load_config(StudyConfig, _study_yaml(tmp_path, BASE + launcher))
+
+
+def test_parallel_runs_split_the_threads():
+    from tools.study_config import LauncherConfig
+
+    assert LauncherConfig(omp_threads=2, parallel_runs=2).threads_per_run(2) == 1
+    assert LauncherConfig(omp_threads=8, parallel_runs=3).threads_per_run(3) == 2
+    # A run alone (a VAE training, or the last DiT) keeps every thread.
+    assert LauncherConfig(omp_threads=2, parallel_runs=2).threads_per_run(1) == 2
+    assert LauncherConfig(omp_threads=0).threads_per_run(1) == 0
+
+
+def _dit_pool_study(tmp_path, monkeypatch, parallel_runs, fail=None):
+    """A Study whose DiT stage only records when each (variant, seed) ran, in how many threads, and may fail."""
+    import threading
+    import time
+    from pathlib import Path
+
+    from tools.study import Study
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    cfg = load_config(StudyConfig, "configs/study/tiny.yaml", [f"output_dir={tmp_path / 'out'}", "seeds=[0,1,2]",
+                                                               f"launcher.parallel_runs={parallel_runs}"])
+    study = Study(cfg, "s")
+    lock, log, running = threading.Lock(), [], [0]
+
+    def fake_dit(variant, seed, first_stage, latents, runs_at_once=1):
+        with lock:
+            running[0] += 1
+            log.append(("start", variant.name, seed, running[0], cfg.launcher.threads_per_run(runs_at_once)))
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+            log.append(("end", variant.name, seed))
+        if (variant.name, seed) == fail:
+            raise RuntimeError(f"{variant.name} seed {seed} failed")
+        return f"{variant.name}/{seed}"
+
+    monkeypatch.setattr(study, "stage_dit", fake_dit)
+    jobs = [(v, s) for v in study.ordered_variants()[:2] for s in cfg.seeds]
+    done = {v.name: {"first_stage": None, "latents": None} for v, _ in jobs}
+    return study, jobs, done, log
+
+
+def test_dit_trainings_run_parallel_runs_at_once_each_with_its_share_of_threads(tmp_path, monkeypatch):
+    from tqdm import tqdm
+
+    study, jobs, done, log = _dit_pool_study(tmp_path, monkeypatch, parallel_runs=2)
+    with tqdm(total=len(jobs), disable=True) as bar:
+        results = study._train_dits(jobs, done, bar)
+    assert results == {(v.name, s): f"{v.name}/{s}" for v, s in jobs}
+    starts = [row for row in log if row[0] == "start"]
+    assert len(starts) == 6 and max(row[3] for row in starts) == 2 and {row[4] for row in starts} == {1}
+    study, jobs, done, log = _dit_pool_study(tmp_path, monkeypatch, parallel_runs=1)
+    with tqdm(total=len(jobs), disable=True) as bar:
+        study._train_dits(jobs, done, bar)
+    assert max(row[3] for row in log if row[0] == "start") == 1
+    assert {row[4] for row in log if row[0] == "start"} == {2}
+
+
+def test_a_failed_dit_training_lets_the_running_one_finish_starts_no_more_and_is_raised(tmp_path, monkeypatch):
+    from tqdm import tqdm
+
+    study, jobs, done, log = _dit_pool_study(tmp_path, monkeypatch, parallel_runs=2, fail=("baseline", 0))
+    with tqdm(total=len(jobs), disable=True) as bar, pytest.raises(RuntimeError, match="baseline seed 0 failed"):
+        study._train_dits(jobs, done, bar)
+    started = {(row[1], row[2]) for row in log if row[0] == "start"}
+    ended = {(row[1], row[2]) for row in log if row[0] == "end"}
+    assert started == ended  # nothing left running
+    assert len(started) < len(jobs)  # the queued ones were not started

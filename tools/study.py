@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -134,8 +135,9 @@ class Study:
         return self.cfg.data.real_footage and bool(self.cfg.data.heldout_clips)
 
     # ------------------------------------------------------------------------------------------------ launching
-    def launch(self, module: str, config_path: Path, log_path: Path) -> None:
-        """Run a training entry point on a config file in a child process; its output goes to ``log_path``."""
+    def launch(self, module: str, config_path: Path, log_path: Path, runs_at_once: int = 1) -> None:
+        """Run a training entry point on a config file in a child process; its output goes to ``log_path``.
+        ``runs_at_once``: how many trainings share the machine now (their OMP threads are split)."""
         launcher = self.cfg.launcher
         if launcher.kind == "deepspeed":
             cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(launcher.num_gpus),
@@ -144,8 +146,9 @@ class Study:
             cmd = [sys.executable, "-m", module, "--config", str(config_path)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-        if launcher.omp_threads:
-            env["OMP_NUM_THREADS"] = str(launcher.omp_threads)
+        threads = launcher.threads_per_run(runs_at_once)
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         tqdm.write(f"  {module}: log in {log_path}")
         with open(log_path, "a") as logfile:
@@ -445,7 +448,7 @@ class Study:
         return self._encode(self._first_stage(variant, first_stage.outputs), clips)
 
     def stage_dit(self, variant: VariantConfig, seed: int, first_stage: StageResult,
-                  latents: StageResult | None) -> StageResult:
+                  latents: StageResult | None, runs_at_once: int = 1) -> StageResult:
         cfg = self.t2v_configs[(variant.name, seed)]
         if Path(first_stage.outputs["path"]).resolve() != Path(cfg.first_stage.path).resolve():
             raise RuntimeError(f"{variant.name}: the first stage is at {first_stage.outputs['path']}, the DiT's config "
@@ -456,7 +459,7 @@ class Study:
             path = run_dir.parent / "t2v.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
             save_config(cfg, path)
-            self.launch("dit.train", path, run_dir.parent / "logs" / "dit.log")
+            self.launch("dit.train", path, run_dir.parent / "logs" / "dit.log", runs_at_once)
             return {"run_dir": str(run_dir), "samples": str(run_dir / "samples"),
                     "final": _last_metrics(run_dir / "metrics.jsonl", "loss")}
 
@@ -492,6 +495,37 @@ class Study:
         """Variants that own a first stage first, then the controls (which transform one of them)."""
         return [v for v in self.cfg.variants if not v.is_control] + [v for v in self.cfg.variants if v.is_control]
 
+    def _train_dits(self, jobs: list[tuple[VariantConfig, int]], done: dict, bar: tqdm) -> dict:
+        """The DiT stage of every (variant, seed), ``launcher.parallel_runs`` at once. A failure lets the running
+        trainings finish (each keeps its checkpoints and marker), starts no new one, and is raised after."""
+        at_once = min(self.cfg.launcher.parallel_runs, len(jobs))
+        results: dict[tuple[str, int], StageResult] = {}
+
+        def train(variant: VariantConfig, seed: int) -> StageResult:
+            return self.stage_dit(variant, seed, done[variant.name]["first_stage"], done[variant.name]["latents"],
+                                  at_once)
+
+        if at_once == 1:
+            for variant, seed in jobs:
+                results[(variant.name, seed)] = train(variant, seed)
+                bar.update()
+            return results
+        with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="dit") as pool:
+            futures = {pool.submit(train, variant, seed): (variant.name, seed) for variant, seed in jobs}
+            failure = None
+            for future in as_completed(futures):
+                try:
+                    results[futures[future]] = future.result()
+                except BaseException as exc:  # noqa: BLE001 -- re-raised below, after the running ones end
+                    if failure is None:
+                        failure = exc
+                        for other in futures:
+                            other.cancel()
+                bar.update()
+        if failure is not None:
+            raise failure
+        return results
+
     def run(self) -> dict:
         """Every stage (skipping those done), then the report; returns what the report holds plus file paths."""
         started = time.perf_counter()
@@ -519,11 +553,14 @@ class Study:
                 self.stage_predictors(variant, fs, latents)
                 bar.update()
                 done[variant.name] = {"first_stage": fs, "latents": latents}
-                for seed in cfg.seeds:
-                    dit = self.stage_dit(variant, seed, fs, latents)
-                    bar.update()
-                    self.stage_reward(variant, seed, dit)
-                    bar.update()
+            # Every first stage is ready: the DiT trainings, launcher.parallel_runs at a time, then their rewards.
+            bar.set_postfix_str("DiT trainings")
+            jobs = [(variant, seed) for variant in self.ordered_variants() for seed in cfg.seeds]
+            dits = self._train_dits(jobs, done, bar)
+            for variant, seed in jobs:
+                bar.set_postfix_str(f"reward {variant.name} seed {seed}")
+                self.stage_reward(variant, seed, dits[(variant.name, seed)])
+                bar.update()
         report = self.report()
         report["wall_s_this_run"] = time.perf_counter() - started
         return report
@@ -613,6 +650,9 @@ class Study:
                  f"- seeds: {list(cfg.seeds)}; reward: {cfg.reward.kind}; {len(captions)} prompts: captions of "
                  f"{len(captions)} held-out clips (generation seed {cfg.prompts.seed}; the DiT data uses seed "
                  f"{cfg.data.default.seed}), e.g. " + "; ".join(f"\"{c}\"" for c in captions[:4]),
+                 f"- DiT trainings: {cfg.launcher.parallel_runs} at a time"
+                 + (f", {cfg.launcher.threads_per_run(cfg.launcher.parallel_runs)} thread(s) each (a DiT train time "
+                    "is that of one run sharing the machine)" if cfg.launcher.parallel_runs > 1 else ""),
                  f"- stage markers: `{self.runner.root}`; per-variant outputs: `{self.out / 'variants'}`", "",
                  *sections]
         files = write_report(report_dir, "Convergence study", summary, curves, measures, walls, extra)

@@ -7,6 +7,7 @@ which overrides each variant adds. Every composed run config is validated before
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -93,12 +94,25 @@ class LauncherConfig:
 
     kind: str = "python"
     num_gpus: int = 1  # processes of the deepspeed launcher (1 on CPU)
-    omp_threads: int = 0  # OMP_NUM_THREADS of the child processes; 0 leaves the environment's
+    omp_threads: int = 0  # OMP_NUM_THREADS of a training that runs alone; 0 leaves the environment's
+    # DiT trainings run at once, the omp_threads split among them. On a CPU the tiny DiT's small matmuls and
+    # elementwise ops scale poorly over threads: two runs of one thread each on 2 cores train ~1.5x the steps per
+    # hour of one run of two (docs/STUDY.md). On GPUs keep 1: every run takes all num_gpus.
+    parallel_runs: int = 1
 
     def validate(self, prefix: str = "launcher") -> None:
         check(self.kind in LAUNCHERS, f"{prefix}.kind", f"must be one of {LAUNCHERS}, got {self.kind!r}")
         check(self.num_gpus >= 1, f"{prefix}.num_gpus", "must be >= 1")
         check(self.omp_threads >= 0, f"{prefix}.omp_threads", "must be >= 0")
+        check(self.parallel_runs >= 1, f"{prefix}.parallel_runs", f"must be >= 1, got {self.parallel_runs}")
+        check(not self.omp_threads or self.parallel_runs <= self.omp_threads, f"{prefix}.parallel_runs",
+              f"{self.parallel_runs} runs at once cannot share omp_threads={self.omp_threads} (at least one each)")
+
+    def threads_per_run(self, runs_at_once: int) -> int:
+        """OMP_NUM_THREADS of each of ``runs_at_once`` concurrent trainings (0: the environment's)."""
+        if runs_at_once <= 1:
+            return self.omp_threads
+        return max(1, (self.omp_threads or os.cpu_count() or 1) // runs_at_once)
 
 
 @dataclass
