@@ -192,6 +192,10 @@ def markdown_tables(summary: dict, measures: dict[str, dict], walls: dict[str, d
         gain = "-" if row["relative_gain"] is None else f"{100 * row['relative_gain']:+.1f} %"
         lines.append(f"| {variant} | {steps} | {speed} | {_pm(row['final'])} | {gain} | "
                      f"{row['seeds_reaching']}/{row['seeds']} |")
+    lines += ["", "Steps to threshold here: the first evaluation at which the seed-mean curve reaches it (per seed: each "
+              "seed's first such evaluation), a multiple of the evaluation interval; the statistics below interpolate "
+              "between evaluations and resample prompts, so their steps are finer and their intervals are the ones "
+              "to read."]
     lines += ["", "| variant | compression | default-data PSNR (dB) | real PSNR (dB) | held-out real PSNR (dB) | SSIM | "
               "LPIPS | rec. reward | low-freq ratio | temporal low-freq ratio | effective rank | top-4 share | "
               "mean kurtosis | VAE train (s) | DiT train (s, mean per seed) |",
