@@ -195,8 +195,9 @@ def test_a_preempted_study_stage_is_not_done_and_runs_again(tmp_path, monkeypatc
         "runs.write_text(runs.read_text() + 'x' if runs.exists() else 'x')\n"
         f"sys.exit({EXIT_PREEMPTED} if len(runs.read_text()) == 1 else 0)\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    study = types.SimpleNamespace(cfg=types.SimpleNamespace(launcher=types.SimpleNamespace(kind="python",
-                                                                                          omp_threads=1)))
+    from tools.study_config import LauncherConfig
+
+    study = types.SimpleNamespace(cfg=types.SimpleNamespace(launcher=LauncherConfig(kind="python", omp_threads=1)))
     config = tmp_path / "child.yaml"
     runner = StageRunner(tmp_path / "stages")
 
