@@ -505,11 +505,6 @@ class Study:
             return self.stage_dit(variant, seed, done[variant.name]["first_stage"], done[variant.name]["latents"],
                                   at_once)
 
-        if at_once == 1:
-            for variant, seed in jobs:
-                results[(variant.name, seed)] = train(variant, seed)
-                bar.update()
-            return results
         with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="dit") as pool:
             futures = {pool.submit(train, variant, seed): (variant.name, seed) for variant, seed in jobs}
             failure = None
