@@ -101,4 +101,15 @@ def test_speed_up_when_a_curve_reaches_the_threshold_at_step_zero():
     # Both curves reach the threshold at the first evaluation: speed-up 1, no division by zero.
     tables = {name: {0: {0: [0.9, 0.9], 10: [0.9, 0.9]}} for name in ("base", "v")}
     stats = bootstrap(tables, 0.5, "base", resamples=200)
-    assert stats["variants"]["v"]["vs_baseline"]["speed_up"] == 1.0
+    paired = stats["variants"]["v"]["vs_baseline"]
+    assert paired["speed_up"] == 1.0
+    # The resamples use the same rule (they were 0/0 = NaN and dropped, leaving no interval).
+    assert paired["speed_up_ci"] == [1.0, 1.0] and paired["faster"] is None
+
+
+def test_speed_up_elementwise_cases():
+    from tools.study_stats import _speed_up
+
+    out = _speed_up([100, 0, 100, np.inf, np.inf, 0], [50, 0, 0, 50, np.inf, 100])
+    assert out[0] == 2.0 and out[1] == 1.0 and math.isinf(out[2]) and math.isinf(out[3])
+    assert math.isnan(out[4]) and out[5] == 0.0

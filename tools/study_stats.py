@@ -144,15 +144,21 @@ def bootstrap(tables: dict[str, RewardTable], threshold: float, baseline: str = 
             "prompts": n_prompts, "resamples": resamples, "level": LEVEL, "variants": estimates}
 
 
+def _speed_up(base_steps, variant_steps) -> np.ndarray:
+    """Baseline steps / variant steps to the threshold, elementwise: 1 when both reach it at the first evaluation
+    (step 0, nothing measurable), inf when only the variant does, NaN when neither ever does (undecided)."""
+    b, v = np.asarray(base_steps, dtype=float), np.asarray(variant_steps, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where((b == 0) & (v == 0), 1.0, b / v)
+    return np.where(np.isinf(b) & np.isinf(v), np.nan, ratio)
+
+
 def _paired(variant: dict, base: dict, est: dict, base_est: dict) -> dict:
     both_never = np.isinf(variant["steps"]) & np.isinf(base["steps"])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        speed = np.where(both_never, np.nan, base["steps"] / variant["steps"])
+    speed = _speed_up(base["steps"], variant["steps"])
     speed_point = None
     if est["steps"] is not None and base_est["steps"] is not None:
-        # Reached at the first evaluation (step 0): no speed-up is measurable against another curve doing the same.
-        b, v = base_est["steps"], est["steps"]
-        speed_point = b / v if v > 0 else (1.0 if b == 0 else math.inf)
+        speed_point = float(_speed_up(base_est["steps"], est["steps"]))
     out = {"speed_up": speed_point, "speed_up_ci": _interval(speed),
            "speed_up_undecided_fraction": float(both_never.mean())}
     for key in ("final", "auc"):
