@@ -25,8 +25,8 @@ A cache folder holds, per source shard ``i`` (in ``infra.data`` shard order)::
     manifest.json             what made the cache (first stage, text encoder, clip shape, source roots)
     COMPLETE                  written last; a cache without it is refused
 
-Batches follow the same plan as ``infra.data.build_loader`` with one video bucket: step ``s`` on rank ``r`` takes the
-slot ``BucketStream(seed, 0, pool).slot(s, r, world_size, batch_size)``. Cached samples keep the source order, so a run
+Batches follow the same plan as ``infra.data.build_loader`` with one video bucket: global batch ``g`` takes the slot
+``BucketStream(seed, 0, pool).slot(g, batch_size)``, and rank ``r`` of ``W`` reads ``start + r, start + r + W, ...``. Cached samples keep the source order, so a run
 on cached latents sees the samples an on-the-fly run with the same seed sees (when every sample was cached, and the
 clips do not depend on the step's random start frame, i.e. clips as long as the videos).
 """
@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from infra.data.dataset import ClipRequest, load_or_skip
-from infra.data.sampling import BucketStream
+from infra.data.sampling import BucketStream, rank_batches
 from infra.data.shard_index import ShardReader, find_shards, index_shards
 from infra.data.skips import SkipCounter
 from infra.dtypes import DTYPES, torch_dtype
@@ -119,38 +119,34 @@ def collate(samples: list[dict]) -> dict:
 
 
 class LatentBatchDataset(IterableDataset):
-    """Endless batches for one rank from ``start_batch`` on; batch ``k`` depends only on (seed, k, rank)."""
+    """Endless batches for one rank from global batch ``start_batch`` on; batch ``g`` depends only on (seed, g)."""
 
     def __init__(self, root: str | Path, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  start_batch: int = 0, posterior: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
-        if start_batch < 0:
-            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        next(rank_batches(start_batch, rank, world_size))  # checks rank and start
         self.cache = LatentCache(root, posterior)
         self.batch_size, self.rank, self.world_size, self.start_batch = batch_size, rank, world_size, start_batch
         # Bucket 0 of the shard loader's plan: the same permutations, hence the same samples per step.
         self.stream = BucketStream(seed, 0, range(len(self.cache)))
 
     def batch(self, step: int) -> dict:
-        indices = self.stream.slot(step, self.rank, self.world_size, self.batch_size)
+        indices = self.stream.slot(step, self.batch_size)
         return {**collate([self.cache.load(i) for i in indices]), "kind": "video", "step": step, "skips": {}}
 
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        step = self.start_batch + worker
-        while True:
-            yield self.batch(step)
-            step += num_workers
+        for mine, step in enumerate(rank_batches(self.start_batch, self.rank, self.world_size)):
+            if mine % num_workers == worker:
+                yield self.batch(step)
 
 
 def build_latent_loader(root: str | Path, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                         start_batch: int = 0, num_workers: int = 0, posterior: bool = False) -> DataLoader:
-    """The DataLoader for one rank; its ``i``-th batch is batch ``start_batch + i`` of the run (with the latents'
-    log-variances under ``"latents_logvar"`` when ``posterior``)."""
+    """The DataLoader for one rank; its ``i``-th batch is global batch ``start_batch + rank + i * world_size`` (with
+    the latents' log-variances under ``"latents_logvar"`` when ``posterior``)."""
     dataset = LatentBatchDataset(root, batch_size, rank, world_size, seed, start_batch, posterior)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers)
 

@@ -7,8 +7,9 @@ The DiT is the only engine. The first stage (VAE) and the text encoder are froze
 gradients, outside every engine. Each micro-step takes clean latents and caption embeddings (encoded on the fly from
 the shard data, or read from a cache written by ``dit.latent_cache``), drops 10% of captions to zero embeddings
 for classifier-free guidance, and regresses v at a uniform timestep. Noise, timesteps and caption drops come from a
-generator seeded by (run seed, data position, data-parallel rank), so they do not depend on the process's RNG
-history: a resumed run and a run on cached latents draw exactly what an uninterrupted on-the-fly run draws.
+generator seeded by (run seed, global batch index) (``infra.batch_generator``), so they depend neither on the
+process's RNG history nor on the number of ranks: a resumed run, a run on cached latents and a run on another number
+of ranks draw exactly what an uninterrupted on-the-fly run draws.
 
 Every ``run.eval_every`` steps and at the end, the fixed ``sampling.prompts`` are sampled (EMA weights if kept) and
 decoded to mp4 under ``<output_dir>/samples/step_XXXXXX/``; at the end the DiT is also exported as a diffusers folder
@@ -27,9 +28,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from infra.config import ConfigError
+from infra.batch_generator import batch_generator
 from infra.data.dataset import build_loader
 from infra.data.skips import skip_logs
 from infra.distributed import DistInfo, barrier
@@ -51,9 +52,6 @@ from .transformer import CogVideoXTransformer
 log = logging.getLogger(__name__)
 
 ENGINE = "dit"
-def step_generator(seed: int, data_position: int, rank: int, device: torch.device) -> torch.Generator:
-    """The generator of one micro-batch's random draws: a function of (seed, data position, rank) only."""
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + data_position) * 1_009 + rank)
 
 
 def check_cache_matches(cfg: T2VTrainConfig, cache_dir: str | Path) -> None:
@@ -129,7 +127,8 @@ class T2VTask(TrainTask):
         parallel = parallelize_dit(self.model, cfg, dist_info.world_size, self.first_stage, device)
         self.model, self.mpu, self.parallel, self.dense_config = (parallel.model, parallel.mpu, parallel.groups,
                                                                   parallel.dense_config)
-        self.data_parallel_rank = self.parallel.data_rank  # the trainer seeds the process RNG by it
+        # The trainer seeds the process RNG by the data rank and counts global batches by the data world size.
+        self.data_parallel_rank, self.data_parallel_size = self.parallel.data_rank, self.parallel.data_world_size
         self.diffusion = VPrediction(cfg.diffusion.schedule)
         # The sampling prompts are encoded once; on cached latents the text encoder is then not needed any more.
         prompts = cfg.sampling.prompts if cfg.sampling.enabled else []
@@ -176,7 +175,7 @@ class T2VTask(TrainTask):
 
     # -------------------------------------------------------------------------------------------------- step
     def train_step(self, batch: dict, step: int, ctx: StepContext) -> dict[str, float]:
-        g = step_generator(self.cfg.run.seed, batch["step"], self.parallel.data_rank, ctx.device)
+        g = batch_generator(self.cfg.run.seed, batch["step"], ctx.device)
         latents, states, mask = self.conditioning(batch, g)
         # Caption dropout for CFG: zero embeddings, attended in full, as the sampler's unconditional branch is.
         keep = drop_text(torch.ones(latents.shape[0], 1, device=ctx.device), self.cfg.diffusion.caption_dropout, g)
@@ -189,11 +188,8 @@ class T2VTask(TrainTask):
         # Each SP rank's gradient is its tokens' share; DeepSpeed averages over a group holding the SP ranks, so
         # scaling by the SP size makes that average the sum (docs/PARALLELISM.md).
         ctx.backward_and_step(ENGINE, loss * self.parallel.sequence_parallel_size)
-        mean = loss.detach().float().clone()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(mean)
-            mean /= dist.get_world_size()
-        return {"loss": mean.item(), "captions_dropped": float((keep == 0).float().mean()), **skip_logs(batch)}
+        # Tensors: the trainer reads them (and averages over the ranks) only when it logs.
+        return {"loss": loss.detach().float(), "captions_dropped": (keep == 0).float().mean(), **skip_logs(batch)}
 
     # ------------------------------------------------------------------------------------------- evaluation
     def evaluate(self, step: int, ctx: StepContext) -> dict[str, float]:

@@ -27,6 +27,7 @@ from infra.engine import build_engine, set_learning_rate
 from infra.metric_log import MetricLogger
 from infra.schedule import learning_rate
 from infra.step_profiler import StepProfiler
+from infra.unused_parameters import UnusedParameterGuard
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +44,23 @@ class EngineSpec:
 class TrainTask:
     """What a training supplies. Subclasses override the first three; the rest are optional."""
 
-    # The rank's data-parallel index when ranks share batches (tensor / sequence parallelism): the process RNG is
-    # seeded by it, so the ranks of one model-parallel group draw the same dropout. None: the global rank.
+    # The rank's data-parallel index and the number of data-parallel ranks when ranks share batches (tensor /
+    # sequence parallelism): the process RNG is seeded by the index, so the ranks of one model-parallel group draw
+    # the same dropout, and a micro-step consumes ``data_parallel_size`` global batches. None: the global rank / size.
     data_parallel_rank: int | None = None
+    data_parallel_size: int | None = None
 
     def engine_specs(self) -> list[EngineSpec]:
         raise NotImplementedError
 
     def batches(self, start_batch: int) -> Iterator[Any]:
-        """Batches from data position ``start_batch`` on, identical to an uninterrupted stream from there."""
+        """This rank's batches from global batch ``start_batch`` on: ``start_batch + data rank``, then every
+        ``data_parallel_size``-th (``infra.data.sampling.rank_batches``), identical to an uninterrupted stream."""
         raise NotImplementedError
 
-    def train_step(self, batch: Any, step: int, ctx: "StepContext") -> dict[str, float]:
-        """One micro-batch: compute losses, call ``ctx.backward_and_step``; return scalars to log."""
+    def train_step(self, batch: Any, step: int, ctx: "StepContext") -> dict[str, float | torch.Tensor]:
+        """One micro-batch: compute losses, call ``ctx.backward_and_step``; return scalars to log (floats or 0-dim
+        tensors, which are read only when logged). The trainer averages them over the log window and the ranks."""
         raise NotImplementedError
 
     def evaluate(self, step: int, ctx: "StepContext") -> dict[str, float]:
@@ -74,9 +79,12 @@ class TrainTask:
 class StepContext:
     """The engines, and the one way a task steps them (so every step gets the same non-finite-loss guard)."""
 
-    def __init__(self, engines: dict, dist: DistInfo, output_dir: str, emas: dict[str, EMA]):
+    def __init__(self, engines: dict, dist: DistInfo, output_dir: str, emas: dict[str, EMA], zero_stage: int = 0):
         self.engines, self.dist, self.output_dir, self.emas = engines, dist, output_dir, emas
         self.skipped_nonfinite = 0
+        # With several ranks (or ZeRO-3), a parameter the loss does not reach on one rank breaks the reductions.
+        self.guards = {name: UnusedParameterGuard(engine.module, name, zero_stage, dist.rank)
+                       for name, engine in engines.items()} if dist.world_size > 1 or zero_stage == 3 else {}
 
     def engine(self, name: str):
         return self.engines[name]
@@ -92,6 +100,8 @@ class StepContext:
             log.warning("non-finite loss for %s: step skipped (%d so far)", name, self.skipped_nonfinite)
             return False
         engine = self.engines[name]
+        if name in self.guards:
+            loss = self.guards[name](loss)
         engine.backward(loss)
         engine.step()
         return True
@@ -106,15 +116,19 @@ class Trainer:
                         for n, s in self.specs.items()}
         self.emas = {n: EMA(self.engines[n].module, self.run.ema_decay)
                      for n, s in self.specs.items() if s.ema and self.run.ema_decay > 0}
-        self.ctx = StepContext(self.engines, dist, self.run.output_dir, self.emas)
+        self.ctx = StepContext(self.engines, dist, self.run.output_dir, self.emas, cfg.deepspeed.zero_stage)
         self.ckpt = CheckpointManager(f"{self.run.output_dir}/checkpoints", dist.rank, self.run.keep_last)
         self.logger = MetricLogger(self.run.output_dir, dist.is_main, self.run.tensorboard, self.run.wandb,
                                    self.run.wandb_project, to_dict(cfg))
+        # data_position: global batches consumed (infra.data.sampling); a micro-step consumes data_world of them.
         self.step, self.data_position = 0, 0
+        self.data_world = task.data_parallel_size or dist.world_size
 
     # ------------------------------------------------------------------------------------------ state
     def _trainer_state(self) -> dict:
-        return {"step": self.step, "data_position": self.data_position,
+        return {"step": self.step, "data_position": self.data_position, "data_order": "global",
+                "world_size": self.dist.world_size, "data_parallel_size": self.data_world,
+                "global_batch": self.data_world * self.cfg.deepspeed.gradient_accumulation_steps,
                 "skipped_nonfinite": self.ctx.skipped_nonfinite, "config": to_dict(self.cfg)}
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -155,12 +169,44 @@ class Trainer:
                 f"  {path}:\n    " + "\n    ".join(problems) for path, problems in failures))
         state, tensors = loaded
         self.step, self.data_position = state["step"], state["data_position"]
+        self._check_global_batch(state)
         self.ctx.skipped_nonfinite = state["skipped_nonfinite"]
         self.task.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("task.")})
         for name, ema in self.emas.items():
             ema.load_state_dict({k[len(name) + 5:]: v for k, v in tensors.items() if k.startswith(f"ema.{name}.")})
         if self.dist.is_main:
             log.info("resumed from %s at step %d", path, self.step)
+
+    def _check_global_batch(self, state: dict) -> None:
+        """Say when a resumed run's batches per optimizer step differ from the saved run's (a new world size without
+        the accumulation that keeps the global batch): it trains on, but no longer as the saved run would have."""
+        ours = self.data_world * self.cfg.deepspeed.gradient_accumulation_steps
+        saved = state.get("global_batch")
+        if saved is not None and saved != ours and self.dist.is_main:
+            log.warning("the checkpoint was written by %d data-parallel ranks x %d accumulation steps = %d batches per "
+                        "step; this run takes %d x %d = %d: the data order is kept, but each step now averages %d "
+                        "batches. Set deepspeed.gradient_accumulation_steps=%s to keep the global batch",
+                        state["data_parallel_size"], saved // state["data_parallel_size"], saved, self.data_world,
+                        self.cfg.deepspeed.gradient_accumulation_steps, ours, ours,
+                        f"{saved // self.data_world}" if saved % self.data_world == 0 else
+                        f"(not possible: {saved} is not a multiple of {self.data_world} ranks)")
+
+    def _log_window(self, window: dict[str, list]) -> dict[str, float]:
+        """The window's mean of every logged scalar over its micro-steps and every rank (keys a rank did not log,
+        e.g. the loss of a batch kind it did not draw, are averaged over the ranks that did)."""
+        local = {k: (float(sum(float(v) for v in values)), len(values)) for k, values in window.items()}
+        if self.dist.world_size > 1:
+            gathered: list = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(gathered, local)
+        else:
+            gathered = [local]
+        totals: dict[str, list[float]] = {k: [0.0, 0] for k in window}  # this rank's keys first, in its order
+        for part in gathered:
+            for k, (total, count) in part.items():
+                entry = totals.setdefault(k, [0.0, 0])
+                entry[0] += total
+                entry[1] += count
+        return {k: total / count for k, (total, count) in totals.items()}
 
     # ------------------------------------------------------------------------------------------- loop
     def fit(self) -> dict[str, float]:
@@ -183,7 +229,7 @@ class Trainer:
         # training's random stream, or a resumed run (which creates it after restoring the RNG) would diverge.
         with torch.random.fork_rng(devices=[]):
             data = iter(self.task.batches(self.data_position))
-        window: dict[str, list[float]] = defaultdict(list)
+        window: dict[str, list] = defaultdict(list)
         bar = tqdm(total=self.run.max_steps, initial=self.step, disable=not (self.dist.is_main and self.run.progress_bar),
                    desc="train", unit="step", dynamic_ncols=True)
         last_eval: dict[str, float] = {}
@@ -197,10 +243,10 @@ class Trainer:
                 set_learning_rate(self.engines[name], learning_rate(spec.optimizer, self.step))
             for _ in range(accum):
                 batch = next(data)
-                self.data_position += 1
+                self.data_position += self.data_world
                 samples += _batch_size(batch)
                 for k, v in self.task.train_step(batch, self.step, self.ctx).items():
-                    window[k].append(float(v))
+                    window[k].append(v.detach() if isinstance(v, torch.Tensor) else float(v))
             for name, ema in self.emas.items():
                 ema.update(self.engines[name].module)
             self.step += 1
@@ -208,7 +254,7 @@ class Trainer:
             bar.update(1)
             if self.step % self.run.log_every == 0 or self.step == stop_at:
                 elapsed = time.perf_counter() - tick
-                metrics = {k: sum(v) / len(v) for k, v in window.items()}
+                metrics = self._log_window(window)
                 metrics.update({f"lr/{n}": learning_rate(s.optimizer, self.step - 1) for n, s in self.specs.items()},
                                skipped_nonfinite=self.ctx.skipped_nonfinite, samples_per_s=samples / elapsed,
                                step_s=elapsed / max(self.step - window_start, 1))

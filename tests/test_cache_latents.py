@@ -88,9 +88,12 @@ def test_latent_loader_resumes_and_follows_the_shard_loader_plan(t2v_config, cac
     shards = iter(build_loader(cfg.data, seed=7))
     for batch in batches:  # the same samples, step by step, as the on-the-fly loader
         assert [m["key"] for m in batch["meta"]] == [m["key"] for m in next(shards)["meta"]]
-    # Two ranks share out one epoch (8 samples = 2 steps x 2 ranks x 2) without a duplicate.
-    keys = [m["key"] for rank in (0, 1) for step in (0, 1)
-            for m in next(iter(build_latent_loader(cache, 2, rank, 2, seed=1, start_batch=step)))["meta"]]
+    # Two ranks share out one epoch (8 samples = 2 steps x 2 ranks x 2) without a duplicate: rank r reads global
+    # batches r and r + 2.
+    loaders = [iter(build_latent_loader(cache, 2, rank, 2, seed=1)) for rank in (0, 1)]
+    firsts = [[next(loader) for _ in (0, 1)] for loader in loaders]
+    assert [[b["step"] for b in rank] for rank in firsts] == [[0, 2], [1, 3]]
+    keys = [m["key"] for rank in firsts for batch in rank for m in batch["meta"]]
     assert sorted(keys) == [f"v{i:07d}" for i in range(8)]
 
 

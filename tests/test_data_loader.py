@@ -57,7 +57,7 @@ def test_two_ranks_two_workers_cover_an_epoch_exactly_once(videos):
             keys += batch_keys(batch)
             steps[rank].append(batch["step"])
     assert sorted(keys) == [f"v{i:04d}" for i in range(8)]
-    assert steps == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}  # in order despite two workers
+    assert steps == {0: [0, 2, 4, 6], 1: [1, 3, 5, 7]}  # the global batches, in order despite two workers
 
 
 def _same_batches(a, b):
@@ -76,16 +76,34 @@ def test_resume_reproduces_the_uninterrupted_sequence_without_decoding_the_skipp
     calls = []
     real = dataset_module.load_sample
     monkeypatch.setattr(dataset_module, "load_sample", lambda *a, **k: calls.append(1) or real(*a, **k))
-    resumed = _take(build_loader(cfg, rank=1, world_size=2, seed=11, start_batch=6), 3)
+    # full[k] is global batch 2k + 1; resuming at global batch 12, rank 1 reads 13, 15, 17 = full[6:9].
+    resumed = _take(build_loader(cfg, rank=1, world_size=2, seed=11, start_batch=12), 3)
     _same_batches(full[6:], resumed)
     assert len(calls) == sum(len(b["meta"]) for b in resumed)  # batches 0..5 were not decoded
     monkeypatch.undo()
 
     cfg.num_workers = 2  # the worker count does not change the sequence either
-    _same_batches(full[5:], _take(build_loader(cfg, rank=1, world_size=2, seed=11, start_batch=5), 4))
+    _same_batches(full[5:], _take(build_loader(cfg, rank=1, world_size=2, seed=11, start_batch=10), 4))
     # another seed is another sequence
-    other = _take(build_loader(cfg, rank=1, world_size=2, seed=12, start_batch=5), 4)
+    other = _take(build_loader(cfg, rank=1, world_size=2, seed=12, start_batch=10), 4)
     assert [b["meta"] for b in other] != [b["meta"] for b in full[5:]]
+
+
+def test_global_sequence_does_not_depend_on_the_number_of_ranks(videos, images):
+    """W ranks read the global batches start + r, start + r + W, ...: 1, 2 and 3 ranks, from the start and from a
+    resume point, see the same batches (same samples, crops and start frames), whatever the rank holding them."""
+    cfg = DataConfig(video_roots=str(videos), image_roots=str(images), image_prob=0.5, crop="random",
+                     image_batch_size=3, video_batch_size=2, **SMALL)
+    one = _take(build_loader(cfg, seed=4), 12)
+    assert [b["step"] for b in one] == list(range(12)) and {b["kind"] for b in one} == {"image", "video"}
+    for world, start in ((2, 0), (3, 0), (2, 6), (3, 3)):
+        by_index = {}
+        for rank in range(world):
+            for batch in _take(build_loader(cfg, rank=rank, world_size=world, seed=4, start_batch=start),
+                               (12 - start) // world):
+                by_index[batch["step"]] = batch
+        assert sorted(by_index) == list(range(start, 12))
+        _same_batches(one[start:], [by_index[g] for g in range(start, 12)])
 
 
 def test_image_batches_are_one_frame_with_captions(images):
@@ -111,7 +129,7 @@ def test_mixing_in_the_loader(videos, images):
     assert kinds.count("image") / 4000 == pytest.approx(0.25, abs=0.03)
     got = [b["kind"] for b in _take(build_loader(cfg, seed=5), 12)]
     assert got == kinds[:12]
-    # all ranks of a step hold the same kind and shape (data-parallel steps stay in lockstep)
+    # every rank follows the one schedule of global batches
     other_rank = ShardBatchDataset(cfg, rank=1, world_size=2, seed=5)
     assert [ds.kinds[b] for _, b, _ in itertools.islice(other_rank.schedule.iterate(0, len(ds.buckets)), 4000)] == kinds
 

@@ -167,6 +167,33 @@ class ImageVideoDiscriminator(nn.Module):
         self.patchgan_3d = CausalPatchGAN3D(self.config)
         # The spectral-norm layers (torch.nn.utils.spectral_norm keeps weight_u / weight_v buffers), found once.
         self._spectral_layers = [m for m in self.modules() if hasattr(m, "weight_u")]
+        self.power_iteration_per_step = False
+
+    def train(self, mode: bool = True) -> "ImageVideoDiscriminator":
+        super().train(mode)
+        if self.power_iteration_per_step:  # the layers' own flag is what makes spectral norm iterate in a forward
+            for layer in self._spectral_layers:
+                layer.train(False)
+        return self
+
+    def iterate_per_step(self) -> "ImageVideoDiscriminator":
+        """Run spectral norm's power iteration only when ``power_iteration()`` is called, not in every training
+        forward (torch's and the reference's default). Data-parallel training wants this: a per-forward iteration
+        makes the u/v buffers depend on how many forwards each rank ran, so ranks drift apart and a run on W ranks
+        differs from the same global batches on 1 rank with accumulation (measured: 2.5e-4 on the first
+        discriminator loss). Once per optimizer step, on weights every rank shares, keeps them equal."""
+        self.power_iteration_per_step = True
+        return self.train(self.training)
+
+    @torch.no_grad()
+    def power_iteration(self) -> None:
+        """One power iteration of every spectral-norm layer on its current weights (updates u and v in place)."""
+        from torch.nn.utils.spectral_norm import SpectralNorm
+
+        for layer in self._spectral_layers:
+            for hook in layer._forward_pre_hooks.values():
+                if isinstance(hook, SpectralNorm):
+                    hook.compute_weight(layer, do_power_iteration=True)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.dim() != 5 or x.shape[1] != self.config.in_channels:

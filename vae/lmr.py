@@ -88,6 +88,10 @@ def apply_lmr(z: torch.Tensor, mask_token: torch.Tensor, config: LMRConfig, trai
 
     Identity (ratio 0.0) when not ``training`` or when LMR is disabled. Gradients reach ``mask_token`` through the
     masked positions and ``z`` through the others. Deterministic given ``generator`` (a CPU torch.Generator).
+
+    In training the token is part of the graph even at ratio 0 (an all-False mask: its gradient is zero), so every
+    rank of a data-parallel run reduces the same parameters whatever ratio each drew; a token missing from one
+    rank's backward made DeepSpeed's ZeRO reductions mismatch (gloo: "Received data size doesn't match").
     """
     if not training or not config.enabled:
         return z, 0.0
@@ -98,7 +102,5 @@ def apply_lmr(z: torch.Tensor, mask_token: torch.Tensor, config: LMRConfig, trai
                          f"got {tuple(mask_token.shape)}")
     probs, block = config.settings_for(resolution)
     ratio = sample_mask_ratio(config.mask_ratios, probs, generator)
-    if ratio <= 0:
-        return z, 0.0
     mask = block_mask(tuple(z.shape[2:]), ratio, block, generator).to(z.device)
     return torch.where(mask[None, None], mask_token.to(z.dtype), z), ratio

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from infra.batch_generator import batch_generator
 from infra.data.dataset import build_loader
 from infra.data.skips import skip_logs
 from infra.data.eval_clips import load_eval_clips
@@ -43,12 +44,16 @@ class AutoencoderWithLoss(nn.Module):
         self.logvar = loss.logvar
         object.__setattr__(self, "loss", loss)
 
-    def forward(self, x: torch.Tensor, step: int):
+    def forward(self, x: torch.Tensor, step: int, noise: torch.Generator | None = None,
+                masking: torch.Generator | None = None):
+        """(loss, logs) of a generator step. ``noise`` (on x's device) draws the posterior sample, ``masking`` (a CPU
+        generator) the LMR mask; None: the process's RNG."""
         # Autocast is entered here, inside the module: the DeepSpeed engine's forward switches off a CUDA autocast
         # opened around it (unless its own torch_autocast section is on).
         with weights_autocast(x, self.vae.decoder_last_layer):
             posterior = self.vae.posterior(x)
-            z, ratio = self.loss.apply_lmr(posterior.sample(), self.vae.mask_token, resolution=x.shape[3])
+            z, ratio = self.loss.apply_lmr(posterior.sample(noise), self.vae.mask_token, resolution=x.shape[3],
+                                           generator=masking)
             recon = self.vae.decoder(z)
             lcr_on = self.loss.config.lcr.enabled
             loss, logs = self.loss.generator_loss(
@@ -58,13 +63,14 @@ class AutoencoderWithLoss(nn.Module):
         return loss, logs
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, sample: bool = True) -> torch.Tensor:
-        """The decoded posterior (sampled, with LMR's masking, or its mean), in fp32."""
+    def reconstruct(self, x: torch.Tensor, sample: bool = True, noise: torch.Generator | None = None,
+                    masking: torch.Generator | None = None) -> torch.Tensor:
+        """The decoded posterior (sampled, with LMR's masking, or its mean), in fp32; generators as in ``forward``."""
         with weights_autocast(x, self.vae.decoder_last_layer):
             posterior = self.vae.posterior(x)
-            z = posterior.sample() if sample else posterior.mode()
+            z = posterior.sample(noise) if sample else posterior.mode()
             if sample:
-                z, _ = self.loss.apply_lmr(z, self.vae.mask_token, resolution=x.shape[3])
+                z, _ = self.loss.apply_lmr(z, self.vae.mask_token, resolution=x.shape[3], generator=masking)
             return self.vae.decoder(z).float()
 
 
@@ -87,6 +93,8 @@ def build_vae(cfg: VAETrainConfig) -> SSVAE:
         vae = load_official(source, cfg.model)
     if cfg.model.encoder.frozen:
         vae.encoder.requires_grad_(False)
+    if not cfg.loss.lmr.enabled:  # the token then never reaches the loss: nothing to train, nothing to reduce
+        vae.mask_token.requires_grad_(False)
     return vae
 
 
@@ -97,6 +105,9 @@ class VAETask(TrainTask):
         self.loss = SSVAELoss(cfg.loss, perceptual).to(dist.device)
         self.vae = build_vae(cfg)
         self.autoencoder = AutoencoderWithLoss(self.vae, self.loss)
+        if self.loss.discriminator is not None:  # spectral norm's u/v: one update per step, the same on every rank
+            self.loss.discriminator.iterate_per_step()
+        self._power_iterated_at = -1
         self.eval_clips = None
 
     def engine_specs(self) -> list[EngineSpec]:
@@ -111,13 +122,19 @@ class VAETask(TrainTask):
     def train_step(self, batch: dict, step: int, ctx: StepContext) -> dict[str, float]:
         x = batch["video"].to(ctx.device, non_blocking=True)
         logs = skip_logs(batch)
+        # The batch's own draws (infra.batch_generator): the same on any number of ranks, and after a resume.
+        noise = batch_generator(self.cfg.run.seed, batch["step"], ctx.device)
+        masking = batch_generator(self.cfg.run.seed, batch["step"], "cpu", stream=1)
+        if self.loss.gan_active(step) and self._power_iterated_at != step:
+            self.loss.discriminator.power_iteration()  # before the step's first use of the discriminator
+            self._power_iterated_at = step
         if self.loss.is_discriminator_step(step):
-            recon = ctx.engine("autoencoder").module.reconstruct(x)
+            recon = ctx.engine("autoencoder").module.reconstruct(x, noise=noise, masking=masking)
             with weights_autocast(x, next(self.loss.discriminator.parameters())):
                 loss, disc_logs = self.loss.discriminator_loss(x, recon, step)
             ctx.backward_and_step("discriminator", loss)
             return {**logs, **disc_logs}
-        loss, gen_logs = ctx.engine("autoencoder")(x, step)
+        loss, gen_logs = ctx.engine("autoencoder")(x, step, noise, masking)
         ctx.backward_and_step("autoencoder", loss)
         return {**logs, **gen_logs, f"loss_{batch['kind']}": gen_logs["loss/total"]}
 

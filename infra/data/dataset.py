@@ -1,9 +1,9 @@
 """The training data stream: homogeneous batches of videos or images, deterministic and resumable.
 
-``build_loader(cfg, rank, world_size, seed, start_batch)`` returns a ``DataLoader`` whose ``i``-th batch is batch
-``start_batch + i`` of the uninterrupted run (see ``sampling`` for how batches are planned). DataLoader worker ``w`` of
-``n`` produces the batches ``start_batch + w, start_batch + w + n, ...``; the DataLoader hands them out round-robin,
-so they arrive in order and no batch is produced twice.
+``build_loader(cfg, rank, world_size, seed, start_batch)`` returns a ``DataLoader`` whose ``i``-th batch is global
+batch ``start_batch + rank + i * world_size`` of the run (see ``sampling`` for how batches are planned: the global
+sequence does not depend on the number of ranks). DataLoader worker ``w`` of ``n`` produces the rank's batches
+``w, w + n, ...``; the DataLoader hands them out round-robin, so they arrive in order and no batch is produced twice.
 
 A batch is a dict::
 
@@ -12,7 +12,7 @@ A batch is a dict::
     meta     list[dict]: the sample's meta line (extra fields such as ``truth`` pass through) plus ``key``, ``shard``,
              ``start_frame``, ``frame_indices``, ``source_fps``, ``source_size`` (w, h)
     kind     "image" | "video"
-    step     the batch's index in the run (the data position to store is ``step + 1``)
+    step     the batch's global index in the run (``g``; the same on any number of ranks)
     skips    {reason: count} of samples skipped while producing this batch; add them up with ``SkipTotals``
     index_skips  (first batch after start only) {reason: count} of samples skipped while indexing the shards
 
@@ -156,7 +156,7 @@ def _cut(source, promised: int, source_fps: float, request: ClipRequest) -> tupl
 
 
 class ShardBatchDataset(IterableDataset):
-    """Endless homogeneous batches for one rank, from ``start_batch`` on; see the module docstring."""
+    """Endless homogeneous batches for one rank, from global batch ``start_batch`` on; see the module docstring."""
 
     def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0, start_batch: int = 0):
         cfg.validate()
@@ -201,10 +201,10 @@ class ShardBatchDataset(IterableDataset):
     def batch(self, step: int, bucket: int, uses: int, skips: SkipCounter) -> dict:
         spec, kind = self.buckets[bucket], self.kinds[bucket]
         stream = self.streams[bucket]
-        rng = sample_rng(self.seed, step, self.rank)
+        rng = sample_rng(self.seed, step)
         draws = rng.random((spec.batch_size, 3))
         videos, captions, metas = [], [], []
-        for index, (u_start, uy, ux) in zip(stream.slot(uses, self.rank, self.world_size, spec.batch_size), draws):
+        for index, (u_start, uy, ux) in zip(stream.slot(uses, spec.batch_size), draws):
             for attempt in range(MAX_ATTEMPTS_PER_SAMPLE):
                 if attempt:
                     # Replace a bad sample by a random one of the same bucket, drawn from this batch's generator.
@@ -232,8 +232,10 @@ class ShardBatchDataset(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         skips = SkipCounter()
         first = worker == 0  # the first batch after (re)start carries what indexing skipped, once per rank
-        for step, bucket, uses in self.schedule.iterate(self.start_batch, len(self.buckets)):
-            if (step - self.start_batch) % num_workers == worker:
+        own_first = self.start_batch + self.rank
+        for step, bucket, uses in self.schedule.iterate(own_first, len(self.buckets)):
+            mine, rest = divmod(step - own_first, self.world_size)  # mine: the rank's batch number since the start
+            if rest == 0 and mine % num_workers == worker:
                 batch = self.batch(step, bucket, uses, skips)
                 if first:
                     batch["index_skips"], first = dict(self.index_skips), False
@@ -242,7 +244,7 @@ class ShardBatchDataset(IterableDataset):
 
 def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0, start_batch: int = 0,
                  pin_memory: bool = False) -> DataLoader:
-    """The DataLoader for one rank; its ``i``-th batch is batch ``start_batch + i`` of the run."""
+    """The DataLoader for one rank; its ``i``-th batch is global batch ``start_batch + rank + i * world_size``."""
     dataset = ShardBatchDataset(cfg, rank, world_size, seed, start_batch)
     extra = {"prefetch_factor": cfg.prefetch_factor} if cfg.num_workers > 0 else {}
     return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin_memory, **extra)

@@ -1,19 +1,24 @@
-"""The deterministic plan of batches: which bucket each step uses, and which samples each rank takes.
+"""The deterministic plan of batches: which bucket each batch uses, and which samples it holds.
 
-Everything is a pure function of ``(seed, step, rank)``, so a run resumed at batch ``k`` reproduces batch ``k``
-onwards exactly, without decoding anything before it:
+The run is one global sequence of batches ``g = 0, 1, 2, ...`` that does not depend on the number of ranks: an
+optimizer step of ``W`` data-parallel ranks with ``A`` accumulation micro-steps consumes ``W * A`` consecutive ones,
+rank ``r`` taking ``start + r, start + r + W, ...`` (``start`` being where the step begins). So two runs that keep the
+global batch (``W * A``) put the same samples into the same optimizer steps on any number of ranks, and a run can
+change its number of ranks at a checkpoint without changing the data order. Everything is a pure function of
+``(seed, g)``, so a run resumed at batch ``g`` reproduces batch ``g`` onwards exactly, without decoding anything
+before it:
 
-* Step ``s``'s bucket is drawn from a generator seeded by ``(seed, s // BLOCK)``: an image bucket with probability
+* Batch ``g``'s bucket is drawn from a generator seeded by ``(seed, g // BLOCK)``: an image bucket with probability
   ``image_prob``, a video bucket otherwise, and within a kind each bucket in proportion to the batches its samples
-  fill (so all buckets run through their samples at the same pace). Every rank draws the same bucket, so the ranks of
-  a data-parallel step always hold the same kind and shape.
+  fill (so all buckets run through their samples at the same pace). The ranks of one optimizer step may hold
+  different kinds and shapes; the trainer makes every parameter take part in every rank's backward pass
+  (``infra.unused_parameters``).
 * Each bucket consumes its own endless stream: epoch ``e`` is a permutation of the bucket's samples seeded by
-  ``(seed, bucket, e)``. The ``c``-th step that uses a bucket takes stream positions
-  ``[c * W * B, (c + 1) * W * B)`` (``W`` ranks, ``B`` its batch size), rank ``r`` the ``r``-th slice of ``B``.
-  Hence within each epoch of a bucket every sample goes to exactly one (step, rank) slot: ranks and steps never
+  ``(seed, bucket, e)``. The ``c``-th batch that uses a bucket takes stream positions ``[c * B, (c + 1) * B)`` (``B``
+  its batch size). Hence within each epoch of a bucket every sample goes to exactly one batch: ranks and steps never
   duplicate a sample until the bucket's next epoch begins.
 * Per-sample draws (start frame, crop position, replacements for bad samples) come from a generator seeded by
-  ``(seed, step, rank)``.
+  ``(seed, g)``.
 """
 from __future__ import annotations
 
@@ -91,11 +96,24 @@ class BucketStream:
             self._epoch, self._order = epoch, self.pool[perm]
         return int(self._order[i])
 
-    def slot(self, uses: int, rank: int, world_size: int, batch_size: int) -> list[int]:
-        """The samples rank ``rank`` takes the ``uses``-th time this bucket is drawn."""
-        first = (uses * world_size + rank) * batch_size
+    def slot(self, uses: int, batch_size: int) -> list[int]:
+        """The samples of the batch that draws this bucket for the ``uses``-th time."""
+        first = uses * batch_size
         return [self.at(p) for p in range(first, first + batch_size)]
 
 
-def sample_rng(seed: int, step: int, rank: int) -> np.random.Generator:
-    return _rng(seed, _SAMPLE, step, rank)
+def sample_rng(seed: int, batch: int) -> np.random.Generator:
+    # The trailing 0 keeps the streams of runs from before the order became rank-free (then: the rank, 0 on one).
+    return _rng(seed, _SAMPLE, batch, 0)
+
+
+def rank_batches(start: int, rank: int, world_size: int) -> Iterator[int]:
+    """The global batch indices rank ``rank`` of ``world_size`` data-parallel ranks reads from ``start`` on."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    if start < 0:
+        raise ValueError(f"start_batch must be >= 0, got {start}")
+    g = start + rank
+    while True:
+        yield g
+        g += world_size

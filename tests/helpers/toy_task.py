@@ -10,9 +10,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
+from infra.data.sampling import rank_batches  # noqa: E402
 from infra.config import DeepSpeedConfig, OptimizerConfig, RunConfig  # noqa: E402
 from infra.trainer import EngineSpec, TrainTask, run_training  # noqa: E402
 
@@ -25,39 +25,39 @@ class ToyConfig:
     batch_size: int = 4
     nan_at_step: int = -1  # make the loss NaN at this step (tests the skip)
     step_sleep: float = 0.0  # seconds per step, to leave time to signal a running training
+    branch_on_even_batches: bool = False  # a parameter only even global batches use (rank 1 of 2 never does)
 
 
 class ToyTask(TrainTask):
     def __init__(self, cfg: ToyConfig, dist_info):
         self.cfg, self.dist = cfg, dist_info
         self.model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Dropout(0.1), nn.Linear(32, 1))
+        if cfg.branch_on_even_batches:
+            self.model.register_parameter("branch", nn.Parameter(torch.zeros(1)))
         self.target = torch.randn(8, 1, generator=torch.Generator().manual_seed(1))
 
     def engine_specs(self):
         return [EngineSpec("model", self.model, self.cfg.optimizer, ema=True)]
 
     def batches(self, start_batch):
-        i = start_batch
-        while True:  # batch i on rank r depends only on (seed, i, r): resumable without replay
-            g = torch.Generator().manual_seed(self.cfg.run.seed * 100003 + i * 101 + self.dist.rank)
+        # Global batch i depends only on (seed, i): resumable without replay, the same on any number of ranks.
+        for i in rank_batches(start_batch, self.dist.rank, self.dist.world_size):
+            g = torch.Generator().manual_seed(self.cfg.run.seed * 100003 + i * 101)
             x = torch.randn(self.cfg.batch_size, 8, generator=g)
-            yield {"x": x, "y": x @ self.target}
-            i += 1
+            yield {"x": x, "y": x @ self.target, "step": i}
 
     def train_step(self, batch, step, ctx):
         model = ctx.engine("model")
         pred = model(batch["x"]) + 0.01 * torch.randn(batch["x"].shape[0], 1)  # consumes the torch RNG
+        if self.cfg.branch_on_even_batches and batch["step"] % 2 == 0:
+            pred = pred + model.module.branch
         loss = ((pred - batch["y"]) ** 2).mean()
         if step == self.cfg.nan_at_step:
             loss = loss * float("nan")
         ctx.backward_and_step("model", loss)
         if self.cfg.step_sleep:
             time.sleep(self.cfg.step_sleep)
-        mean = loss.detach().clone()
-        if dist.is_initialized():
-            dist.all_reduce(mean)
-            mean /= dist.get_world_size()
-        return {"loss": mean.item()}
+        return {"loss": loss.detach()}
 
     def evaluate(self, step, ctx):
         with torch.no_grad():
