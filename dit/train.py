@@ -36,6 +36,7 @@ from infra.data.skips import skip_logs
 from infra.distributed import DistInfo, barrier
 from infra.ema import maybe_averaged
 from infra.trainer import EngineSpec, StepContext, TrainTask, run_training
+from infra.zero3 import full_parameters, is_partitioned
 from vae.first_stage import FirstStage
 
 from .convert import export_diffusers
@@ -219,17 +220,20 @@ class T2VTask(TrainTask):
 
     def on_train_end(self, ctx: StepContext) -> None:
         """Export the DiT (EMA weights when kept) as a diffusers folder for ``tools/sample_t2v``; a TP model's
-        shards are gathered into the dense model first."""
+        shards are gathered into the dense model first, a ZeRO-3 model's partitions into whole parameters."""
         module = ctx.engine(ENGINE).module
         tensor_parallel = self.parallel.tensor_parallel_size > 1
-        if tensor_parallel or self.dist.is_main:
-            with maybe_averaged(ctx.emas.get(ENGINE), module):
+        # Collective under TP (the shards' gather) and ZeRO-3 (the partitions' gathers, the EMA's too).
+        if tensor_parallel or is_partitioned(module) or self.dist.is_main:
+            with maybe_averaged(ctx.emas.get(ENGINE), module), full_parameters(module):
                 if tensor_parallel:  # collective over the TP group
                     state = gather_tensor_parallel_state_dict(module)
                     if self.dist.is_main:
                         dense = CogVideoXTransformer(self.dense_config)
                         dense.load_state_dict(state)
                         export_diffusers(dense, Path(ctx.output_dir) / EXPORT_DIR)
+                elif not self.dist.is_main:
+                    pass
                 elif self.cfg.lora.enabled:  # the adapter in diffusers' format, and the base with it merged
                     export_adapter(module, self.cfg.lora, Path(ctx.output_dir) / LORA_DIR)
                     dense = CogVideoXTransformer(module.config)

@@ -29,14 +29,16 @@ import os
 import random
 import re
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from infra.distributed import barrier
+from infra.distributed import all_true, barrier
+from infra.reshard import ReshardError, convert_to_universal, load_universal, needs_resharding, saved_partitions, \
+    universal_folder
+from infra.weights_only import weights_only_loading
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 MARKER = "COMPLETE"
@@ -142,51 +144,6 @@ def _tuples(x):
     return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
 
 
-# --------------------------------------------------------------------------------- safe DeepSpeed loading
-
-
-@contextmanager
-def weights_only_loading():
-    """Make DeepSpeed read its checkpoint files with ``torch.load(weights_only=True)`` (it defaults to False)."""
-    from deepspeed.runtime.checkpoint_engine import torch_checkpoint_engine as tce
-
-    original = tce.TorchCheckpointEngine.load
-
-    def load(self, path, map_location=None):
-        return torch.load(path, map_location=map_location, weights_only=True)
-
-    tce.TorchCheckpointEngine.load = load
-    try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            yield
-    finally:
-        tce.TorchCheckpointEngine.load = original
-
-
-def _deepspeed_safe_globals() -> list:
-    """Plain-data classes that DeepSpeed puts in its checkpoints (enums and config containers, no code)."""
-    allowed = []
-    try:
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-
-        allowed.append(ZeroStageEnum)
-    except ImportError:
-        pass
-    try:
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
-
-        allowed += [LossScaler, DynamicLossScaler]
-    except ImportError:
-        pass
-    try:
-        from deepspeed.utils.tensor_fragment import fragment_address
-
-        allowed.append(fragment_address)
-    except ImportError:
-        pass
-    return allowed
-
-
 # ------------------------------------------------------------------------------------------- the manager
 
 
@@ -288,11 +245,19 @@ class CheckpointManager:
         os.replace(latest_tmp, self.root / "latest")
         for old in self.complete_checkpoints()[:-self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(universal_folder(old), ignore_errors=True)
 
     def load(self, path: Path, engines: dict) -> tuple[dict, dict[str, torch.Tensor]]:
-        """Collective: restore engines and this rank's RNG; return (trainer_state, tensors)."""
-        with weights_only_loading():
-            for name, engine in engines.items():
+        """Collective: restore engines and this rank's RNG; return (trainer_state, tensors). An engine saved by
+        another number of data-parallel ranks is converted to DeepSpeed's universal checkpoint first
+        (``infra.reshard``)."""
+        for name, engine in engines.items():
+            if not (path / name).is_dir():
+                raise FileNotFoundError(f"checkpoint {path} has no state for engine {name!r}")
+            if needs_resharding(engine, path / name):
+                self._load_resharded(path, name, engine)
+                continue
+            with weights_only_loading():
                 try:
                     load_path, _ = engine.load_checkpoint(str(path), tag=name, load_lr_scheduler_states=False)
                 except Exception as e:  # DeepSpeed's bare asserts and torch's reader errors name no file
@@ -313,6 +278,35 @@ class CheckpointManager:
             raise FileNotFoundError(f"checkpoint {path} holds per-rank trainer tensors (model parallelism) for "
                                     f"{saved} ranks and none for rank {self.rank}: resume with the same ranks")
         return state, load_file(str(path / "tensors.safetensors"))
+
+
+    def _load_resharded(self, path: Path, name: str, engine) -> None:
+        """Load engine ``name`` saved by another data-parallel size: the main process converts it to a universal
+        checkpoint (once; reused by later resumes), every rank loads that."""
+        saved, _ = saved_partitions(path / name)
+        target = universal_folder(path)
+        problem = ""
+        if self.rank == 0:
+            try:
+                cost = convert_to_universal(path / name, target / name)
+                log.info("engine %r of %s: written by %d data-parallel ranks, resuming on %d: %s universal checkpoint "
+                         "%s (%.1f MiB, %.1f s)", name, path, saved, engine.dp_world_size,
+                         "converted to" if cost["seconds"] else "reusing the", target / name,
+                         cost["bytes"] / 2**20, cost["seconds"])
+            except Exception as e:
+                problem = str(e) if isinstance(e, ReshardError) else f"converting it failed ({e!r})"
+        if not all_true(not problem):
+            raise ReshardError(
+                f"{path / name}: the checkpoint verifies, but it was written by {saved} data-parallel ranks and this "
+                f"run has {engine.dp_world_size}, and it cannot be re-partitioned: {problem or 'see the main process'}"
+                f". Resume with {saved} data-parallel ranks, or convert it by hand with python -m "
+                f"deepspeed.checkpoint.ds_to_universal")
+        try:
+            load_universal(engine, target, name)
+        except Exception as e:
+            raise ReshardError(f"{path / name}: written by {saved} data-parallel ranks; loading its universal form "
+                               f"{target / name} on {engine.dp_world_size} ranks failed ({e!r}). Resume with {saved} "
+                               f"data-parallel ranks") from e
 
 
 def _read_json(path: Path):

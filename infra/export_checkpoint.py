@@ -16,32 +16,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from infra.checkpoint import CheckpointError, _deepspeed_safe_globals, verify_checkpoint
+from infra.checkpoint import CheckpointError, verify_checkpoint
+from infra.weights_only import weights_only_torch_load
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def _weights_only_torch_load():
-    """Every ``torch.load`` inside reads weights only (DeepSpeed's consolidation code asks for full unpickling)."""
-    original = torch.load
-
-    def load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        return original(*args, **kwargs)
-
-    torch.load = load
-    try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            yield
-    finally:
-        torch.load = original
 
 
 def master_weights(checkpoint: Path, engine: str) -> dict[str, torch.Tensor]:
@@ -51,7 +34,7 @@ def master_weights(checkpoint: Path, engine: str) -> dict[str, torch.Tensor]:
     if not (checkpoint / engine).is_dir():
         found = sorted(p.name for p in checkpoint.iterdir() if p.is_dir())
         raise CheckpointError(f"{checkpoint / engine}: no such engine folder (this checkpoint has {found})")
-    with _weights_only_torch_load():
+    with weights_only_torch_load():
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=engine)
 
 

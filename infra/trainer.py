@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from infra.checkpoint import CheckpointError, CheckpointManager, verify_checkpoint
+from infra.reshard import ReshardError
 from infra.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch
 from infra.config import OptimizerConfig, load_config, save_config, to_dict
 from infra.distributed import DistInfo, all_true, init_distributed, parse_entry_args
@@ -134,7 +135,7 @@ class Trainer:
     def _tensors(self) -> dict[str, torch.Tensor]:
         tensors = {f"task.{k}": v for k, v in self.task.state_dict().items()}
         for name, ema in self.emas.items():
-            tensors.update({f"ema.{name}.{k}": v for k, v in ema.state_dict().items()})
+            tensors.update({f"ema.{name}.{k}": v for k, v in ema.state_dict(self.engines[name].module).items()})
         return tensors
 
     def save(self) -> None:
@@ -153,27 +154,32 @@ class Trainer:
         for path in candidates:
             # Rank 0 hashes the files; every rank then takes the same branch.
             problems = verify_checkpoint(path, hashes=self.dist.is_main)
-            loaded = None
-            if all_true(not problems):
+            verified, loaded = all_true(not problems), None
+            if verified:
                 try:
                     loaded = self.ckpt.load(path, self.engines)
+                except ReshardError:  # not damaged: falling back would silently drop the newer steps
+                    raise
                 except Exception as e:  # any unreadable file: fall back, naming it
                     problems = [str(e)]
             if all_true(loaded is not None):
                 break
-            failures.append((path, problems or ["another rank could not verify or load it"]))
-            log.error("checkpoint %s cannot be resumed from:\n  %s%s", path, "\n  ".join(failures[-1][1]),
+            what = "verifies, but cannot be loaded" if verified else "does not verify"
+            failures.append((path, what, problems or ["another rank could not verify or load it"]))
+            log.error("checkpoint %s %s:\n  %s%s", path, what, "\n  ".join(failures[-1][2]),
                       "\nfalling back to the previous one" if path != candidates[-1] else "")
         else:
-            raise CheckpointError("no checkpoint verifies, so training does not resume from any:\n" + "\n".join(
-                f"  {path}:\n    " + "\n    ".join(problems) for path, problems in failures))
+            raise CheckpointError("no checkpoint can be resumed from, so training does not resume from any:\n" +
+                                  "\n".join(f"  {path} {what}:\n    " + "\n    ".join(problems)
+                                             for path, what, problems in failures))
         state, tensors = loaded
         self.step, self.data_position = state["step"], state["data_position"]
         self._check_global_batch(state)
         self.ctx.skipped_nonfinite = state["skipped_nonfinite"]
         self.task.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("task.")})
         for name, ema in self.emas.items():
-            ema.load_state_dict({k[len(name) + 5:]: v for k, v in tensors.items() if k.startswith(f"ema.{name}.")})
+            ema.load_state_dict({k[len(name) + 5:]: v for k, v in tensors.items() if k.startswith(f"ema.{name}.")},
+                                self.engines[name].module)
         if self.dist.is_main:
             log.info("resumed from %s at step %d", path, self.step)
 
