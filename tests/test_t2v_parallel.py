@@ -125,3 +125,13 @@ def test_tensor_parallel_resume_with_ema_equals_uninterrupted(config):
     assert ours.keys() == theirs.keys()
     for name, value in theirs.items():
         torch.testing.assert_close(ours[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_tensor_sequence_and_zero3_together_on_four_ranks_equal_one_process(config, single):
+    """TP 2 x SP 2 on 4 ranks under ZeRO-3 (partitioning every parameter: persistence threshold 0): the forward
+    (step 1's loss), the next steps' losses, the exported EMA weights and the sample equal the 1-process run."""
+    out = _train(config, config.parent / "tp2_sp2_zero3", "parallel.tensor_parallel_size=2",
+                 "parallel.sequence_parallel_size=2", "parallel.tensor_parallel_backend=torch",
+                 "deepspeed.zero_stage=3", "deepspeed.extra.zero_optimization.stage3_param_persistence_threshold=0",
+                 nproc=4)
+    _assert_same_run(out, single)
