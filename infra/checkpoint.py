@@ -160,6 +160,18 @@ class CheckpointManager:
         found = [p for p in self.root.iterdir() if STEP_DIR.match(p.name) and (p / MARKER).is_file()]
         return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
+    def _warn_incomplete(self) -> None:
+        """Name the checkpoint folders passed over for a missing COMPLETE marker (a save cut short), above all one that
+        ``latest`` names (its marker, written last, was lost)."""
+        if not self.root.is_dir() or self.rank != 0:
+            return
+        latest_file = self.root / "latest"
+        latest = latest_file.read_text().strip() if latest_file.is_file() else ""
+        for folder in sorted(p for p in self.root.iterdir() if STEP_DIR.match(p.name) and not (p / MARKER).is_file()):
+            named = " although latest names it" if folder.name == latest else ""
+            log.warning("checkpoint %s is passed over: it has no %s marker (it was never completed)%s", folder,
+                        MARKER, named)
+
     def latest(self) -> Path | None:
         done = self.complete_checkpoints()
         return done[-1] if done else None
@@ -175,6 +187,7 @@ class CheckpointManager:
         if resume == "none":
             return []
         if resume == "auto":
+            self._warn_incomplete()
             return self.complete_checkpoints()[::-1]
         path = Path(resume)
         if not (path / MARKER).is_file():

@@ -7,11 +7,13 @@ progress bar, evaluation hooks, atomic checkpoints and exact resume.
 """
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -22,6 +24,7 @@ from infra.checkpoint import CheckpointError, CheckpointManager, verify_checkpoi
 from infra.reshard import ReshardError
 from infra.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch
 from infra.config import OptimizerConfig, load_config, save_config, to_dict
+from infra.data.skips import ShardSkipTotals
 from infra.distributed import DistInfo, all_true, init_distributed, parse_entry_args
 from infra.ema import EMA
 from infra.engine import build_engine, set_learning_rate
@@ -124,6 +127,7 @@ class Trainer:
         # data_position: global batches consumed (infra.data.sampling); a micro-step consumes data_world of them.
         self.step, self.data_position = 0, 0
         self.data_world = task.data_parallel_size or dist.world_size
+        self.shard_skips = ShardSkipTotals()  # per shard and reason, reported at the end
 
     # ------------------------------------------------------------------------------------------ state
     def _trainer_state(self) -> dict:
@@ -221,6 +225,7 @@ class Trainer:
             save_config(self.cfg, f"{self.run.output_dir}/config.yaml")
         with PreemptionWatch() as watch:  # SIGTERM or a lost launcher: checkpoint, then stop
             result = self._loop(watch)
+        self._report_skipped_shards()
         if result is None:
             return self._finish_preempted(watch.reason())
         self.task.on_train_end(self.ctx)
@@ -249,6 +254,7 @@ class Trainer:
                 set_learning_rate(self.engines[name], learning_rate(spec.optimizer, self.step))
             for _ in range(accum):
                 batch = next(data)
+                self.shard_skips.update(batch)
                 self.data_position += self.data_world
                 samples += _batch_size(batch)
                 for k, v in self.task.train_step(batch, self.step, self.ctx).items():
@@ -287,6 +293,20 @@ class Trainer:
             self.save()
         bar.close()
         return last_eval
+
+    def _report_skipped_shards(self) -> None:
+        """One summary of every shard that had skips since this start, over all ranks, in the log and in
+        ``<output_dir>/skipped_shards.json`` (collective)."""
+        totals = self.shard_skips
+        if self.dist.world_size > 1:
+            gathered: list = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(gathered, totals)
+            totals = gathered[0].merged(gathered[1:])
+        summary = totals.summary()
+        if summary and self.dist.is_main:
+            log.warning("%s", summary)
+            path = Path(self.run.output_dir) / "skipped_shards.json"
+            path.write_text(json.dumps({"indexing": totals.indexing, "training": totals.loading}, indent=1))
 
     def _finish_preempted(self, reason: str | None) -> None:
         self.logger.close()

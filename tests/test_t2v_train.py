@@ -198,3 +198,7 @@ def test_dit_training_logs_index_and_batch_skips(t2v_config, tmp_path):
     logged = {k: sum(r.get(k, 0.0) for r in rows) for r in rows for k in r if k.startswith("data/")}
     assert logged.get("data/index_skipped_bad_meta_line") == 1.0, logged
     assert logged.get("data/skipped_unreadable", 0.0) >= 1.0, logged
+    # The end-of-training summary names the shard by path, with its counts per reason, for both kinds of skip.
+    report = json.loads((out / "skipped_shards.json").read_text())
+    assert report["indexing"] == {str(shard): {"bad_meta_line": 1}}
+    assert report["training"][str(shard)]["unreadable"] >= 1

@@ -51,7 +51,7 @@ def assign_buckets(records: list[SampleRecord], buckets: list[BucketConfig], fps
             if not fitting:
                 need = frame_span(min(bk.frames for bk in buckets), source_fps, fps)
                 skips.skip(TOO_SHORT, f"{record.shard}:{record.key}",
-                           f"{record.num_frames} frames, the shortest bucket needs {need}")
+                           f"{record.num_frames} frames, the shortest bucket needs {need}", shard=record.shard)
                 continue
         else:
             fitting = list(range(len(buckets)))

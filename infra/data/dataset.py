@@ -24,17 +24,18 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .buckets import assign_buckets, frame_offsets, frame_span, start_frame
-from .config import BucketConfig, DataConfig
+from .config import BucketConfig, DataConfig, split_roots
 from .decode import NoVideoStream, TruncatedVideo, decode_image, image_size, open_video
 from .sampling import BatchSchedule, BucketStream, sample_rng
-from .shard_index import SampleRecord, ShardReader, index_shards
-from .skips import BAD_CAPTION, FPS_MISMATCH, TOO_SHORT, TRUNCATED, UNREADABLE, SkipCounter
+from .shard_index import SampleRecord, ShardReader, find_shards, index_shards
+from .skips import BAD_CAPTION, FPS_MISMATCH, TOO_SHORT, TRUNCATED, UNREADABLE, SkipCounter, shard_summary
 from .transforms import frames_to_tensor
 
 logger = logging.getLogger("infra.data")
@@ -75,12 +76,13 @@ def caption_of(record: SampleRecord, reader: ShardReader, skips: SkipCounter | N
         try:
             caption = raw.decode("utf-8").strip()
         except UnicodeDecodeError as e:
-            skips.skip(BAD_CAPTION, where, f"not UTF-8 ({e.reason} at byte {e.start}); undecodable bytes replaced")
+            skips.skip(BAD_CAPTION, where, f"not UTF-8 ({e.reason} at byte {e.start}); undecodable bytes replaced",
+                       shard=record.shard)
             caption = raw.decode("utf-8", errors="replace").strip()
     else:
         caption = str(record.meta.get("caption") or "")
     if len(caption) > MAX_CAPTION_CHARS:
-        skips.skip(BAD_CAPTION, where, f"{len(caption)} characters, cut to {MAX_CAPTION_CHARS}")
+        skips.skip(BAD_CAPTION, where, f"{len(caption)} characters, cut to {MAX_CAPTION_CHARS}", shard=record.shard)
         caption = caption[:MAX_CAPTION_CHARS]
     return caption
 
@@ -116,7 +118,8 @@ def load_sample(record: SampleRecord, request: ClipRequest, reader: ShardReader,
     promised = record.num_frames
     if abs(source_fps - meta_fps) > 0.01 * source_fps:
         skips.skip(FPS_MISMATCH, f"{record.shard}:{record.key}",
-                   f"meta line says {meta_fps:g} fps, the stream {source_fps:g} fps; the stream's is used")
+                   f"meta line says {meta_fps:g} fps, the stream {source_fps:g} fps; the stream's is used",
+                   shard=record.shard)
         promised = int(math.floor(float(record.meta["duration"]) * source_fps + 1e-6))
     try:
         frames, start, indices = _cut(source, promised, source_fps, request)
@@ -134,7 +137,7 @@ def load_or_skip(record: SampleRecord, request: ClipRequest, reader: ShardReader
     try:
         return load_sample(record, request, reader, decoder, skips)
     except SampleError as e:
-        skips.skip(e.reason, f"{record.shard}:{record.key}", str(e))
+        skips.skip(e.reason, f"{record.shard}:{record.key}", str(e), shard=record.shard)
         return None
 
 
@@ -169,17 +172,21 @@ class ShardBatchDataset(IterableDataset):
         index_skips = SkipCounter()
         # A kind that can never be drawn (image_prob 0 or 1) is neither indexed nor given buckets.
         uses_video, uses_image = cfg.image_prob < 1, cfg.image_prob > 0
-        video = index_shards(cfg.video_roots, "video", index_skips) if uses_video else []
-        image = index_shards(cfg.image_roots, "image", index_skips) if uses_image else []
+        video, video_spans = _index_roots(cfg.video_roots, "video", index_skips) if uses_video else ([], [])
+        image, image_spans = _index_roots(cfg.image_roots, "image", index_skips) if uses_image else ([], [])
         video_buckets = cfg.video_buckets() if uses_video else []
         image_buckets = cfg.image_buckets() if uses_image else []
         video_pools = assign_buckets(video, video_buckets, cfg.fps, index_skips)
         image_pools = assign_buckets(image, image_buckets, cfg.fps, index_skips, self._image_aspect)
+        index_shard_skips = index_skips.take_shards()
+        _check_every_root_is_usable("data.video_roots", "video", video_spans, video_pools, index_shard_skips)
+        _check_every_root_is_usable("data.image_roots", "image", image_spans, image_pools, index_shard_skips)
         self.records = video + image
         self.buckets: list[BucketConfig] = video_buckets + image_buckets
         self.kinds = ["video"] * len(video_buckets) + ["image"] * len(image_buckets)
         self.pools = video_pools + [[i + len(video) for i in pool] for pool in image_pools]
         self.index_skips = index_skips.take()
+        self.index_shard_skips = index_shard_skips
         # A bucket is drawn in proportion to the batches its pool fills, so every bucket finishes epochs together.
         weights = [len(pool) / b.batch_size for pool, b in zip(self.pools, self.buckets)]
         self.schedule = BatchSchedule(seed, cfg.image_prob, weights[:len(video_buckets)], weights[len(video_buckets):])
@@ -187,8 +194,9 @@ class ShardBatchDataset(IterableDataset):
         for bucket, kind, pool in zip(self.buckets, self.kinds, self.pools):
             if not pool:
                 logger.warning("%s bucket %s has no samples and is never drawn", kind, bucket)
-        if self.index_skips:
+        if self.index_skips and rank == 0:  # every rank indexes the same shards; one report
             logger.warning("indexing the shards skipped samples: %s", self.index_skips)
+            logger.warning("%s", shard_summary(index_shard_skips, "skipped while indexing the shards"))
         self.reader.close()
 
     def _image_aspect(self, record: SampleRecord) -> float | None:
@@ -225,7 +233,7 @@ class ShardBatchDataset(IterableDataset):
                 raise RuntimeError(f"{MAX_ATTEMPTS_PER_SAMPLE} samples in a row of {kind} bucket {spec} could not be "
                                    f"used; is the data broken? skips: {dict(skips.counts)}")
         return {"video": torch.stack(videos), "caption": captions, "meta": metas, "kind": kind, "step": step,
-                "skips": skips.take()}
+                "skips": skips.take(), "skipped_shards": skips.take_shards()}
 
     def __iter__(self):
         info = get_worker_info()
@@ -239,7 +247,34 @@ class ShardBatchDataset(IterableDataset):
                 batch = self.batch(step, bucket, uses, skips)
                 if first:
                     batch["index_skips"], first = dict(self.index_skips), False
+                    batch["index_skipped_shards"] = dict(self.index_shard_skips)
                 yield batch
+
+
+def _index_roots(roots: str, kind: str, skips: SkipCounter) -> tuple[list[SampleRecord], list[tuple[str, int, int]]]:
+    """The records of every root, and each root's (root, first, end) range of them."""
+    records, spans = [], []
+    for root in split_roots(roots):
+        found = index_shards(root, kind, skips)
+        spans.append((root, len(records), len(records) + len(found)))
+        records += found
+    return records, spans
+
+
+def _check_every_root_is_usable(key: str, kind: str, spans: list[tuple[str, int, int]], pools: list[list[int]],
+                                shard_skips: dict[str, dict[str, int]]) -> None:
+    """Stop naming a root none of whose samples can be used (a wrong path, a folder of the other kind, all broken),
+    with what indexing found wrong in its shards."""
+    usable = {i for pool in pools for i in pool}
+    for root, first, end in spans:
+        if any(i in usable for i in range(first, end)):
+            continue
+        shards = {str(p) for p in find_shards([root])} if Path(root).exists() else set()
+        found = {s: c for s, c in shard_skips.items() if s in shards}
+        detail = ("\n" + shard_summary(found, "what indexing skipped there")) if found else (
+            f" ({len(shards)} shard(s), {end - first} {kind} sample(s) indexed, none fits a {kind} bucket)"
+            if shards else " (it holds no .tar shards)")
+        raise ValueError(f"{key}: {root} has no usable {kind} sample{detail}")
 
 
 def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0, start_batch: int = 0,

@@ -32,7 +32,7 @@ def load_eval_clips(roots: str, n: int, num_frames: int = 17, fps: float = 8.0, 
         if len(videos) == n:
             break
         if record.num_frames < frame_span(num_frames, float(record.meta["fps"]), fps):
-            skips.skip(TOO_SHORT, f"{record.shard}:{record.key}", f"{record.num_frames} frames")
+            skips.skip(TOO_SHORT, f"{record.shard}:{record.key}", f"{record.num_frames} frames", shard=record.shard)
             continue
         sample = load_or_skip(record, request, reader, decoder, skips)
         if sample is None:

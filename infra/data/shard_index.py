@@ -7,6 +7,7 @@ bytes lie; the records are joined with ``<prefix>NNNNNN.meta.jsonl``. A sample's
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tarfile
@@ -14,7 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import split_roots
-from .skips import BAD_META, BAD_META_LINE, MISSING_META, UNREADABLE_SHARD, ZERO_FPS, SkipCounter
+from .skips import (BAD_META, BAD_META_LINE, EMPTY_SHARD, META_WITHOUT_SAMPLE, MISSING_META, NO_MEDIA, NO_META_FILE,
+                    UNREADABLE_SHARD, ZERO_FPS, SkipCounter)
+
+logger = logging.getLogger("infra.data")
 
 VIDEO_EXTS = ("mp4",)
 IMAGE_EXTS = ("jpg", "jpeg", "png")
@@ -97,17 +101,18 @@ def read_meta(shard: Path, skips: SkipCounter | None = None) -> dict[str, dict]:
     out = {}
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
-            where = f"{path}:{number}"
+            where, shard_name = f"{path}:{number}", os.fspath(shard)
             try:
                 line = raw.decode("utf-8").strip()
                 if not line:
                     continue
                 entry = json.loads(line)
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                skips.skip(BAD_META_LINE, where, repr(e)[:200])
+                skips.skip(BAD_META_LINE, where, repr(e)[:200], shard=shard_name, once=True)
                 continue
             if not isinstance(entry, dict) or "key" not in entry:
-                skips.skip(BAD_META_LINE, where, f"not a JSON object with a \"key\": {line[:80]!r}")
+                skips.skip(BAD_META_LINE, where, f"not a JSON object with a \"key\": {line[:80]!r}", shard=shard_name,
+                           once=True)
                 continue
             out[str(entry["key"])] = entry
     return out
@@ -123,13 +128,14 @@ def _scan_tar(shard: Path, skips: SkipCounter) -> dict[str, dict[str, Member]]:
                     key, ext = _split_name(info.name)
                     if info.offset_data + info.size > size:  # a truncated tar: the header is there, not the bytes
                         skips.skip(UNREADABLE_SHARD, f"{shard}:{info.name}",
-                                   f"member ends at byte {info.offset_data + info.size}, the file at {size}")
+                                   f"member ends at byte {info.offset_data + info.size}, the file at {size}",
+                                   shard=os.fspath(shard), once=True)
                         samples.pop(key, None)
                         break
                     samples.setdefault(key, {})[ext] = Member(info.offset_data, info.size)
     except (tarfile.TarError, OSError, EOFError) as e:
         # Keep what was indexed before the damage; the damaged tail is reported.
-        skips.skip(UNREADABLE_SHARD, str(shard), repr(e))
+        skips.skip(UNREADABLE_SHARD, str(shard), repr(e), shard=os.fspath(shard), once=True)
     return samples
 
 
@@ -153,26 +159,62 @@ def index_shards(roots: str | list[str], kind: str, skips: SkipCounter) -> list[
     """The samples of the given kind (``"video"`` or ``"image"``) in the roots, in shard then tar order.
 
     Video samples without a usable meta line are skipped and counted: their duration and fps are what sampling needs.
-    Image samples need no meta line (the caption comes from ``.txt``).
+    Image samples need no meta line (the caption comes from ``.txt``). Data that is not what it should be is counted
+    under its shard's path and named: an empty tar, a video shard without its meta file, meta lines without a sample,
+    samples without a video or image; a root with no shard at all is warned about.
     """
     if kind not in ("video", "image"):
         raise ValueError(f"kind must be 'video' or 'image', got {kind!r}")
     exts = VIDEO_EXTS if kind == "video" else IMAGE_EXTS
     records = []
-    for shard in find_shards(roots):
-        metas = read_meta(shard, skips)
-        for key, files in _scan_tar(shard, skips).items():
-            media_ext = next((e for e in exts if e in files), None)
-            if media_ext is None:
-                continue  # another kind's sample (or a stray file): not ours, not bad input
-            meta = metas.get(key)
-            if kind == "video":
-                problem = _video_meta_problem(meta)
-                if problem is not None:
-                    skips.skip(problem, f"{shard.name}:{key}", f"meta line {meta}")
-                    continue
-            records.append(SampleRecord(os.fspath(shard), key, kind, media_ext, files, dict(meta or {})))
+    for root in split_roots(roots) if isinstance(roots, str) else roots:
+        shards = find_shards([root])
+        if not shards:
+            logger.warning("data root %s holds no .tar shards", root)
+        for shard in shards:
+            records += _index_shard(shard, kind, exts, skips)
     return records
+
+
+def _index_shard(shard: Path, kind: str, exts: tuple[str, ...], skips: SkipCounter) -> list[SampleRecord]:
+    where = os.fspath(shard)
+    if shard.stat().st_size == 0:
+        skips.skip(EMPTY_SHARD, where, "an empty file", shard=where, once=True)
+        return []
+    metas = read_meta(shard, skips)
+    samples = _scan_tar(shard, skips)
+    if not samples and _tar_is_empty(shard):
+        skips.skip(EMPTY_SHARD, where, "the tar holds no member", shard=where, once=True)
+    for key in metas.keys() - samples.keys():
+        skips.skip(META_WITHOUT_SAMPLE, f"{where}:{key}", f"a line of {meta_path(shard).name} names no member of "
+                   f"the tar", shard=where, once=True)
+    if kind == "video" and not meta_path(shard).exists() and any(
+            any(e in files for e in exts) for files in samples.values()):
+        skips.skip(NO_META_FILE, str(meta_path(shard)), "missing: the shard's videos have no duration or fps and "
+                   "are skipped", shard=where, once=True)
+    records = []
+    for key, files in samples.items():
+        media_ext = next((e for e in exts if e in files), None)
+        if media_ext is None:
+            if not any(e in files for e in VIDEO_EXTS + IMAGE_EXTS):
+                skips.skip(NO_MEDIA, f"{where}:{key}", f"only {sorted(files)}", shard=where, once=True)
+            continue  # another kind's sample: not ours, not bad input
+        meta = metas.get(key)
+        if kind == "video":
+            problem = _video_meta_problem(meta)
+            if problem is not None:
+                skips.skip(problem, f"{where}:{key}", f"meta line {meta}", shard=where)
+                continue
+        records.append(SampleRecord(where, key, kind, media_ext, files, dict(meta or {})))
+    return records
+
+
+def _tar_is_empty(shard: Path) -> bool:
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            return tar.next() is None
+    except (tarfile.TarError, OSError, EOFError):
+        return False  # unreadable, which _scan_tar reports
 
 
 class ShardReader:
