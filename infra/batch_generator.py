@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 
-def batch_generator(seed: int, batch_index: int, device: torch.device | str = "cpu", stream: int = 0) -> torch.Generator:
+def batch_generator(seed: int, batch_index: int, device: torch.device | str = "cpu",
+                    stream: int = 0) -> torch.Generator:
     """The generator of global batch ``batch_index`` (``batch["step"]``) on ``device``."""
     # Stream 0 keeps the seeds of the earlier (seed, data position, rank) scheme for rank 0, i.e. of one-rank runs.
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + batch_index) * 1_009 + stream * 7_919_017)

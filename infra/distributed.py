@@ -42,13 +42,28 @@ def _environment_from_slurm() -> None:
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
     if "MASTER_ADDR" not in os.environ:
         nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "127.0.0.1")
-        # "node[01-04],other" -> "node01": good enough for the common bracket form; set MASTER_ADDR otherwise.
-        first = nodes.split(",")[0]
-        if "[" in first:
-            base, rng = first.split("[", 1)
-            first = base + rng.rstrip("]").split("-")[0].split(",")[0]
-        os.environ["MASTER_ADDR"] = first
-    os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ["MASTER_ADDR"] = first_node(nodes)
+    # Every task of the job derives the same port from the job id (SLURM_JOB_ID), so concurrent jobs on a node differ.
+    job = os.environ.get("SLURM_JOB_ID", "")
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(job) % 20000) if job.isdigit() else "29500")
+
+
+def first_node(nodelist: str) -> str:
+    """The first host of a Slurm node list: "node[01-04,07],gpu5" -> "node01", "gpu-[3,5-7]-ib" -> "gpu-3-ib",
+    "a1,a2" -> "a1" (what ``scontrol show hostnames`` would print first)."""
+    nodelist = nodelist.strip()
+    depth, end = 0, len(nodelist)
+    for i, char in enumerate(nodelist):  # the first comma outside brackets ends the first host expression
+        depth += (char == "[") - (char == "]")
+        if char == "," and depth == 0:
+            end = i
+            break
+    host = nodelist[:end]
+    if "[" not in host:
+        return host
+    prefix, rest = host.split("[", 1)
+    ranges, suffix = rest.split("]", 1)
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix
 
 
 def init_distributed(local_rank: int | None = None) -> DistInfo:

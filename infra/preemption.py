@@ -85,9 +85,11 @@ class PreemptionWatch:
     def __init__(self):
         self._reason: str | None = None
         self._previous = None
+        self._parent = os.getppid()
         self._launchers = launcher_ancestors()
 
     def __enter__(self) -> "PreemptionWatch":
+        self._parent = os.getppid()
         self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         die_with_parent(signal.SIGTERM)
         return self
@@ -96,6 +98,10 @@ class PreemptionWatch:
         signal.signal(signal.SIGTERM, self._previous)
 
     def _on_sigterm(self, signum, frame) -> None:
+        if os.getppid() != self._parent:  # the kernel's parent-death signal: say so, not just "SIGTERM"
+            command = next((c.strip()[:120] for pid, _, c in self._launchers if pid == self._parent), "")
+            launcher = f"pid {self._parent}: {command}" if command else f"pid {self._parent}"
+            self._reason = self._reason or f"the launcher ({launcher}) is gone"
         self._reason = self._reason or "SIGTERM received"
 
     def reason(self) -> str | None:

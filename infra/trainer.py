@@ -126,6 +126,7 @@ class Trainer:
                                    self.run.wandb_project, to_dict(cfg))
         # data_position: global batches consumed (infra.data.sampling); a micro-step consumes data_world of them.
         self.step, self.data_position = 0, 0
+        self.stop_reason = ""
         self.data_world = task.data_parallel_size or dist.world_size
         self.shard_skips = ShardSkipTotals()  # per shard and reason, reported at the end
 
@@ -227,7 +228,7 @@ class Trainer:
             result = self._loop(watch)
         self._report_skipped_shards()
         if result is None:
-            return self._finish_preempted(watch.reason())
+            return self._finish_preempted(self.stop_reason)
         self.task.on_train_end(self.ctx)
         self.logger.close()
         return result
@@ -281,8 +282,8 @@ class Trainer:
             if self.run.save_every and self.step % self.run.save_every == 0:
                 self.save()
             if self.step < stop_at and not all_true(watch.reason() is None):
-                log.warning("%s: checkpointing at step %d and stopping", watch.reason() or "another rank stopped",
-                            self.step)
+                self.stop_reason = self._stop_reasons(watch.reason())
+                log.warning("%s: checkpointing at step %d and stopping", self.stop_reason, self.step)
                 if not (self.run.save_every and self.step % self.run.save_every == 0):
                     self.save()
                 bar.close()
@@ -307,6 +308,16 @@ class Trainer:
             log.warning("%s", summary)
             path = Path(self.run.output_dir) / "skipped_shards.json"
             path.write_text(json.dumps({"indexing": totals.indexing, "training": totals.loading}, indent=1))
+
+    def _stop_reasons(self, mine: str | None) -> str:
+        """Why the run stops, naming the ranks that asked (collective: every rank stops at the same step); on the
+        node that did not lose its launcher, this says which rank did and why."""
+        reasons: list = [mine]
+        if self.dist.world_size > 1:
+            reasons = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(reasons, mine)
+        asked = [(rank, reason) for rank, reason in enumerate(reasons) if reason]
+        return "; ".join(f"rank {rank}: {reason}" for rank, reason in asked) or "another rank stopped"
 
     def _finish_preempted(self, reason: str | None) -> None:
         self.logger.close()

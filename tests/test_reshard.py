@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from multinode_helpers import run_nodes
 from test_t2v_parallel import _train
 from test_t2v_train import logged_losses, make_t2v_assets
 
@@ -71,3 +72,14 @@ def test_a_checkpoint_that_cannot_be_repartitioned_says_so(config, tmp_path):
     assert "the checkpoint verifies, but it was written by 2 data-parallel ranks and this run has 1" in message
     assert "Resume with 2 data-parallel ranks" in message and "tensor parallelism" in message
     assert "does not verify" not in message and "no checkpoint can be resumed" not in message
+
+
+def test_two_node_agents_train_the_dit_like_one_node(config, uninterrupted, tmp_path):
+    """torchrun --nnodes 2 (c10d rendezvous on 127.0.0.1, one rank per node agent) trains the tiny DiT as 2 ranks on
+    one node do, hence as the 1-rank run with the same global batch."""
+    run = tmp_path / "two_nodes"
+    run_nodes(["-m", "dit.train", "--config", str(config), f"run.output_dir={run}", *COMMON])
+    ours, theirs = logged_losses(run), logged_losses(uninterrupted)
+    assert sorted(ours) == list(range(1, STEPS + 1))
+    for step in theirs:
+        assert ours[step] == pytest.approx(theirs[step], rel=1e-5), (step, ours, theirs)

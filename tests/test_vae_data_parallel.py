@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from infra.distributed import free_port
+from multinode_helpers import run_nodes
 from test_vae_train import ENV, ROOT
 
 STEPS = 4
@@ -90,6 +91,19 @@ def test_released_recipe_on_several_ranks_equals_one_rank(data, single, tmp_path
     assert ours.keys() == theirs.keys()
     for key, value in theirs.items():
         torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_two_node_agents_train_the_vae_like_one_rank(data, single, tmp_path):
+    """torchrun --nnodes 2 (c10d rendezvous on 127.0.0.1, one rank per node agent): the released recipe's losses
+    equal the 1-rank run with the same global batch, as 2 ranks on one node do."""
+    args = ["--config", str(ROOT / "configs/vae/tiny.yaml"), f"run.output_dir={tmp_path}", f"data.video_roots={data}",
+            f"data.image_roots={data}", f"eval.video_roots={data}", *RECIPE, "deepspeed.zero_stage=2"]
+    run_nodes(["-m", "vae.train", *args])
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    ours, theirs = losses(rows), losses(single[2][1])
+    assert sorted(ours) == list(range(1, STEPS + 1))
+    for step in theirs:
+        assert ours[step] == pytest.approx(theirs[step], rel=1e-5), (step, ours, theirs)
 
 
 def test_zero3_is_refused_with_the_key_named():
