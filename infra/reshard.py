@@ -17,6 +17,7 @@ What stays world-size free without help: the trainer's state (step, global data 
 from __future__ import annotations
 
 import argparse
+import os
 import logging
 import re
 import shutil
@@ -74,7 +75,7 @@ def convert_to_universal(engine_dir: Path, out: Path) -> dict:
                            f"{saved_dp} data-parallel ranks (x {saved_mp} tensor-parallel)")
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    args = argparse.Namespace(input_folder=str(engine_dir), output_folder=str(out), num_extract_workers=1,
+    args = argparse.Namespace(input_folder=str(engine_dir), output_folder=str(out), num_extract_workers=max(1, min(4, os.cpu_count() or 1)),
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
     start = time.perf_counter()
     with weights_only_torch_load():
