@@ -25,7 +25,7 @@ from infra.reshard import ReshardError
 from infra.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch
 from infra.config import OptimizerConfig, load_config, save_config, to_dict
 from infra.data.skips import ShardSkipTotals
-from infra.distributed import DistInfo, all_true, init_distributed, parse_entry_args
+from infra.distributed import DistInfo, all_true, init_distributed, parse_entry_args, shutdown_distributed
 from infra.ema import EMA
 from infra.engine import build_engine, set_learning_rate
 from infra.metric_log import MetricLogger
@@ -366,7 +366,10 @@ def run_training(schema: type, make_task: Callable[[Any, DistInfo], TrainTask], 
     data_rank = dist.rank if task.data_parallel_rank is None else task.data_parallel_rank
     seed_everything(cfg.run.seed + 1000 * data_rank)
     try:
-        return Trainer(cfg, task, dist).fit()
+        result = Trainer(cfg, task, dist).fit()
     except Preempted as e:
         log.warning("%s", e)
+        shutdown_distributed()
         sys.exit(EXIT_PREEMPTED)
+    shutdown_distributed()
+    return result

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from multinode_helpers import run_nodes
-from test_t2v_parallel import _train
+from test_t2v_parallel import COMMON as PARALLEL_COMMON, _train
 from test_t2v_train import logged_losses, make_t2v_assets
 
 STEPS = 6
@@ -35,10 +35,17 @@ def exported(run):
     return load_file(str(next((run / "dit").glob("*.safetensors"))))
 
 
+# The ZeRO-2 run's checkpoint written by 2 ranks, for the test below (which makes its own when run alone).
+TWO_RANK_CHECKPOINTS = {}
+
+
 @pytest.mark.parametrize("zero", [1, 2, 3])
 def test_resume_on_fewer_then_more_ranks_equals_uninterrupted(config, uninterrupted, tmp_path, zero):
     run, stage = tmp_path / "run", f"deepspeed.zero_stage={zero}"
     _train(config, run, *COMMON, stage, "run.stop_after=2", nproc=2)
+    if zero == 2:
+        shutil.copytree(run / "checkpoints", tmp_path / "two_rank_checkpoints")
+        TWO_RANK_CHECKPOINTS["zero2"] = tmp_path / "two_rank_checkpoints"
     assert (run / "checkpoints/step_000002/dit").is_dir()
     _train(config, run, *COMMON, stage, "run.stop_after=4", "deepspeed.gradient_accumulation_steps=2")  # 2 -> 1
     _train(config, run, *COMMON, stage, nproc=2)  # 1 -> 2
@@ -60,7 +67,10 @@ def test_a_checkpoint_that_cannot_be_repartitioned_says_so(config, tmp_path):
     """A checkpoint that verifies but cannot be loaded at this data-parallel size is named as such (not as a
     damaged one), with what to do, and training does not fall back to an older checkpoint."""
     run = tmp_path / "run"
-    _train(config, run, *COMMON, "run.stop_after=2", nproc=2)
+    if "zero2" in TWO_RANK_CHECKPOINTS:
+        shutil.copytree(TWO_RANK_CHECKPOINTS["zero2"], run / "checkpoints")
+    else:
+        _train(config, run, *COMMON, "run.stop_after=2", nproc=2)
     # Pose as a tensor-parallel checkpoint (optimizer partitions of a second model-parallel rank), which the
     # universal conversion here does not re-partition. The manifest still verifies: it lists only the files saved.
     engine = run / "checkpoints/step_000002/dit"
@@ -78,7 +88,7 @@ def test_two_node_agents_train_the_dit_like_one_node(config, uninterrupted, tmp_
     """torchrun --nnodes 2 (c10d rendezvous on 127.0.0.1, one rank per node agent) trains the tiny DiT as 2 ranks on
     one node do, hence as the 1-rank run with the same global batch."""
     run = tmp_path / "two_nodes"
-    run_nodes(["-m", "dit.train", "--config", str(config), f"run.output_dir={run}", *COMMON])
+    run_nodes(["-m", "dit.train", "--config", str(config), f"run.output_dir={run}", *PARALLEL_COMMON, *COMMON])
     ours, theirs = logged_losses(run), logged_losses(uninterrupted)
     assert sorted(ours) == list(range(1, STEPS + 1))
     for step in theirs:

@@ -55,9 +55,9 @@ def test_zero3_guard_names_the_unreached_parameters():
         guard(model(torch.randn(2, 3), False))
 
 
-@pytest.mark.parametrize("zero", [1, 2])
-def test_two_ranks_train_when_one_rank_never_uses_a_parameter(tmp_path, zero):
-    """Rank 1 of 2 reads the odd global batches only, which skip the toy's branch parameter."""
-    _run(tmp_path / "run", f"deepspeed.zero_stage={zero}", "branch_on_even_batches=true", nproc=2)
+def test_two_ranks_train_when_one_rank_never_uses_a_parameter(tmp_path):
+    """Rank 1 of 2 reads the odd global batches only, which skip the toy's branch parameter (ZeRO-2; ZeRO-1 shares
+    its code path in DeepSpeed, and the VAE's data-parallel tests run both)."""
+    _run(tmp_path / "run", "deepspeed.zero_stage=2", "branch_on_even_batches=true", nproc=2)
     losses = _losses(tmp_path / "run")
     assert sorted(losses) == list(range(1, 7)) and losses[6] < losses[1]

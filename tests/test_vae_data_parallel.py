@@ -72,7 +72,9 @@ def exported(run):
     return load_file(str(next((run / "model").glob("*.safetensors"))))
 
 
-@pytest.mark.parametrize("nproc,zero", [(2, 1), (2, 2), (4, 1), (4, 2)])
+# ZeRO 1 and 2 on 2 ranks, ZeRO-2 on 4 (4 processes on 2 cores cost 20 s a run; ZeRO-1 and 2 share DeepSpeed's code
+# path, and 4-rank ZeRO-1 was measured equal too). ZeRO-3 is refused, see below.
+@pytest.mark.parametrize("nproc,zero", [(2, 1), (2, 2), (4, 2)])
 def test_released_recipe_on_several_ranks_equals_one_rank(data, single, tmp_path, nproc, zero):
     rows = train(tmp_path, data, nproc, zero, 1)
     reference, reference_rows = single[nproc]
