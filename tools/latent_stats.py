@@ -135,6 +135,27 @@ def store_in_ssvae_folder(folder: str | Path, stats: dict, save_to: Optional[str
     return save_with_stats(SSVAE.from_pretrained(folder), stats, save_to or folder)
 
 
+def store_in_diffusers_folder(kind: str, folder: str | Path, stats: dict, save_to: str | Path) -> Path:
+    """A trained ``wan`` / ``cogvideox`` VAE's folder copied to ``save_to`` with ``stats`` as the normalisation its
+    first stage applies: Wan's per-channel ``latents_mean`` / ``latents_std``; CogVideoX's scalar ``shift_factor``
+    (the mean over channels) and ``scaling_factor`` (one over the pooled std), since its pipelines scale by one
+    number."""
+    from vae.diffusers_vaes import DiffusersVAE
+
+    model = DiffusersVAE.from_pretrained(kind, folder).model
+    mean, std = list(map(float, stats["mean"])), [max(float(s), MIN_STD) for s in stats["std"]]
+    if kind == "wan":
+        model.register_to_config(latents_mean=mean, latents_std=std)
+    else:
+        shift = sum(mean) / len(mean)
+        pooled = (sum(s * s + (m - shift) ** 2 for m, s in zip(mean, std)) / len(std)) ** 0.5
+        model.register_to_config(shift_factor=shift, scaling_factor=1.0 / max(pooled, MIN_STD))
+    folder = Path(save_to)
+    model.save_pretrained(str(folder))
+    (folder / STATS_NAME).write_text(json.dumps(stats, indent=1) + "\n")
+    return folder
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     from tools.reconstruct import (FrameGeometry, add_clip_args, add_first_stage_args, clip_spec_from_args,
                                    first_stage_from_args, iter_clips)

@@ -68,6 +68,11 @@ class Study:
         self.source = source
         # Every child run's config, built whole and validated before anything runs; the stages use them unchanged.
         self.vae_configs = {v.name: self.vae_config(v) for v in cfg.variants if v.trains_vae}
+        for i, v in enumerate(cfg.variants):
+            if v.trains_vae and self.vae_configs[v.name].model.kind != v.kind:
+                raise ConfigError(f"{source}: variants[{i}].kind: {v.kind!r}, but its VAE trains model.kind "
+                                  f"{self.vae_configs[v.name].model.kind!r} (set both, e.g. kind: wan with "
+                                  f"vae_overrides: [model.kind=wan])")
         self.t2v_configs = {(v.name, seed): self.t2v_config(v, seed) for v in cfg.variants for seed in cfg.seeds}
 
     # ------------------------------------------------------------------------------------------------ configs
@@ -245,17 +250,20 @@ class Study:
         trained here stores them as its encode/decode normalisation, a given first stage keeps its own."""
         m = self.cfg.measure
         out = self.variant_dir(variant) / "first_stage"
-        store = variant.kind == "ssvae" and vae.outputs["trained"]
+        store = bool(vae.outputs["trained"])
 
         def measure() -> dict:
-            from tools.latent_stats import measure_latent_stats, store_in_ssvae_folder
+            from tools.latent_stats import measure_latent_stats, store_in_diffusers_folder, store_in_ssvae_folder
 
             clips = self._stats_clips(variant)
             stage = self._first_stage(variant, vae.outputs)
             stats = measure_latent_stats(stage, [(str(i), clip) for i, clip in enumerate(clips)], progress=False)
             if not store:
                 return {"path": vae.outputs["model"], "stored": False, "statistics": _stats_summary(stats)}
-            store_in_ssvae_folder(vae.outputs["model"], stats, save_to=out)
+            if variant.kind == "ssvae":
+                store_in_ssvae_folder(vae.outputs["model"], stats, save_to=out)
+            else:  # a trained Wan / CogVideoX design: its diffusers config carries the normalisation
+                store_in_diffusers_folder(variant.kind, vae.outputs["model"], stats, save_to=out)
             return {"path": str(out), "stored": True, "statistics": _stats_summary(stats)}
 
         return self.runner.run(f"{variant.name}/first_stage", {"vae": vae.hash, "measure": dataclasses.asdict(m),

@@ -97,6 +97,10 @@ class SSVAE(nn.Module):
         self.check_latent(z)
         return self.decoder(self.denormalize_latent(z))
 
+    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """A raw (un-normalised) latent -> video: the decoder alone, what training decodes."""
+        return self.decoder(z)
+
     def forward(
         self, x: torch.Tensor, sample: bool = True, generator: Optional[torch.Generator] = None
     ) -> tuple[torch.Tensor, DiagonalGaussian]:

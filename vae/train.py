@@ -1,4 +1,8 @@
-"""SSVAE training on the shared engine: ``deepspeed --module vae.train --config configs/vae/<file>.yaml [k=v ...]``.
+"""VAE training on the shared engine: ``deepspeed --module vae.train --config configs/vae/<file>.yaml [k=v ...]``.
+
+``model.kind`` picks the design: ``ssvae`` (ours), ``wan`` (diffusers' AutoencoderKLWan, Wan 2.2's design) or
+``cogvideox`` (AutoencoderKLCogVideoX), all with the same losses (L1, LPIPS, KL, PatchGAN, LCR, LMR through a latent
+mask token), engine, checkpoints and exact resume (``vae.diffusers_vaes``).
 
 Two engines: ``autoencoder`` (the SSVAE and the loss's learned log-variance) and ``discriminator`` (the PatchGAN),
 each with its own optimizer and schedule. Before ``loss.disc_start`` every step is a generator step; from then on
@@ -22,6 +26,7 @@ from infra.metrics.image_quality import psnr as psnr_fn
 from infra.metrics.lpips import LPIPS
 from infra.trainer import EngineSpec, StepContext, TrainTask, run_training
 from infra.video_io import side_by_side, write_video
+from vae.diffusers_vaes import DiffusersVAE
 from vae.losses import SSVAELoss
 from vae.model import SSVAE
 from vae.train_config import VAETrainConfig
@@ -54,7 +59,7 @@ class AutoencoderWithLoss(nn.Module):
             posterior = self.vae.posterior(x)
             z, ratio = self.loss.apply_lmr(posterior.sample(noise), self.vae.mask_token, resolution=x.shape[3],
                                            generator=masking)
-            recon = self.vae.decoder(z)
+            recon = self.vae.decode_latent(z)
             lcr_on = self.loss.config.lcr.enabled
             loss, logs = self.loss.generator_loss(
                 x, recon, posterior, step,
@@ -71,7 +76,7 @@ class AutoencoderWithLoss(nn.Module):
             z = posterior.sample(noise) if sample else posterior.mode()
             if sample:
                 z, _ = self.loss.apply_lmr(z, self.vae.mask_token, resolution=x.shape[3], generator=masking)
-            return self.vae.decoder(z).float()
+            return self.vae.decode_latent(z).float()
 
 
 def weights_autocast(x: torch.Tensor, weight: torch.Tensor):
@@ -81,9 +86,13 @@ def weights_autocast(x: torch.Tensor, weight: torch.Tensor):
     return torch.autocast(x.device.type, dtype=weight.dtype, enabled=weight.dtype in (torch.bfloat16, torch.float16))
 
 
-def build_vae(cfg: VAETrainConfig) -> SSVAE:
-    source = cfg.init_from
-    if not source:
+def build_vae(cfg: VAETrainConfig) -> SSVAE | DiffusersVAE:
+    """The model ``model.kind`` names, from ``init_from`` when set: for ``ssvae`` a folder of ours or the released
+    checkpoint, for ``wan`` / ``cogvideox`` a diffusers folder (a released VAE or an earlier run's export)."""
+    source, kind = cfg.init_from, cfg.model.kind
+    if kind != "ssvae":
+        vae = DiffusersVAE.from_pretrained(kind, source) if source else DiffusersVAE.from_config(kind, cfg.model.design)
+    elif not source:
         vae = SSVAE(cfg.model)
     elif Path(source).is_dir():
         vae = SSVAE.from_pretrained(source)

@@ -7,6 +7,7 @@ from infra.config import DeepSpeedConfig, OptimizerConfig, RunConfig, check, joi
 from infra.data.config import DataConfig
 from infra.metrics.lpips import LPIPSConfig
 from vae.config import SSVAEConfig
+from vae.diffusers_vaes import CogVideoXVAEConfig, WanVAEConfig, check_buildable
 from vae.losses import SSVAELossConfig
 
 
@@ -33,12 +34,60 @@ class VAEEvalConfig:
         check(self.num_clips >= 1, f"{prefix}.num_clips", f"must be >= 1, got {self.num_clips}")
 
 
+VAE_KINDS = ("ssvae", "wan", "cogvideox")
+
+
+def _latent_size(model: "VAEModelConfig", frames: int, height: int, width: int) -> tuple[int, int, int]:
+    tc, sc = model.temporal_compression, model.spatial_compression
+    return 1 + (frames - 1) // tc, height // sc, width // sc
+
+
+@dataclass
+class VAEModelConfig(SSVAEConfig):
+    """The ``model:`` section: which design trains (``kind``) and its settings. ``ssvae`` takes ``encoder`` /
+    ``decoder`` (as the released model), ``wan`` the ``wan:`` section (diffusers' AutoencoderKLWan, Wan 2.2's design by
+    default), ``cogvideox`` the ``cogvideox:`` section (AutoencoderKLCogVideoX); the other sections are ignored."""
+
+    kind: str = "ssvae"
+    wan: WanVAEConfig = field(default_factory=WanVAEConfig)
+    cogvideox: CogVideoXVAEConfig = field(default_factory=CogVideoXVAEConfig)
+
+    @property
+    def design(self) -> "SSVAEConfig | WanVAEConfig | CogVideoXVAEConfig":
+        return {"wan": self.wan, "cogvideox": self.cogvideox}.get(self.kind, self)
+
+    @property
+    def z_channels(self) -> int:
+        if self.kind == "wan":
+            return self.wan.z_dim
+        if self.kind == "cogvideox":
+            return self.cogvideox.latent_channels
+        return self.encoder.z_channels
+
+    @property
+    def spatial_compression(self) -> int:
+        return self.design.spatial_compression if self.kind != "ssvae" else super().spatial_compression
+
+    @property
+    def temporal_compression(self) -> int:
+        return self.design.temporal_compression if self.kind != "ssvae" else super().temporal_compression
+
+    def validate(self, prefix: str = "model") -> None:
+        check(self.kind in VAE_KINDS, join_key(prefix, "kind"), f"must be one of {VAE_KINDS}, got {self.kind!r}")
+        if self.kind == "ssvae":
+            super().validate(prefix)
+            return
+        section = join_key(prefix, self.kind)
+        self.design.validate(section)
+        check_buildable(self.design, section)
+
+
 @dataclass
 class VAETrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    model: SSVAEConfig = field(default_factory=SSVAEConfig)
+    model: VAEModelConfig = field(default_factory=VAEModelConfig)
     loss: SSVAELossConfig = field(default_factory=SSVAELossConfig)
     perceptual: LPIPSConfig = field(default_factory=LPIPSConfig)
     optimizer: OptimizerConfig = field(default_factory=_autoencoder_optimizer)
@@ -73,6 +122,32 @@ class VAETrainConfig:
                   f"must be 1 + {tc}k for the model's temporal compression, got {frames}")
         check(self.data.resize % sc == 0, key("data.resize"),
               f"must be a multiple of the model's spatial compression ({sc}), got {self.data.resize}")
+        check(self.model.kind == "ssvae" or not self.model.encoder.frozen, key("model.encoder.frozen"),
+              f"freezes the SSVAE's encoder; model.kind is {self.model.kind!r}")
+        self._check_latent_fits_the_regularizers(key)
         if self.loss.lcr.enabled:
             check(not self.model.encoder.frozen, key("loss.lcr.enabled"),
                   "LCR trains the encoder; it must be off when model.encoder.frozen is true (stage 2)")
+
+    def _check_latent_fits_the_regularizers(self, key) -> None:
+        """LMR's blocks and LCR's windows must fit the latent of every training clip shape (LMR is keyed by the clip
+        height, its training resolution): checked at start-up, not when a batch of that shape first comes."""
+        shapes = [(b, False) for b in self.data.video_buckets()] * (self.data.image_prob < 1) + \
+            [(b, True) for b in self.data.image_buckets()] * (self.data.image_prob > 0)
+        lmr, lcr = self.loss.lmr, self.loss.lcr
+        for bucket, image in shapes:
+            t, h, w = _latent_size(self.model, bucket.frames, bucket.height, bucket.width)
+            what = f"the {'image' if image else 'video'} clips ({bucket.frames}x{bucket.height}x{bucket.width})"
+            if lmr.enabled:
+                check(bucket.height in lmr.mask_probs, key("loss.lmr.mask_probs"),
+                      f"has no entry for training resolution {bucket.height} (the height of {what}); configured: "
+                      f"{sorted(lmr.mask_probs)}")
+                bt, bh, bw = (int(v) for v in lmr.block_sizes[bucket.height])
+                # An image's single latent frame takes the block's first frame only (vae.lmr clips time for images).
+                check(bh <= h and bw <= w and (image or bt <= t), key(f"loss.lmr.block_sizes.{bucket.height}"),
+                      f"block {[bt, bh, bw]} is larger than the {t}x{h}x{w} latent of {what}")
+            if lcr.enabled:
+                _, wh, ww = (int(v) for v in lcr.window)
+                check(wh <= h and ww <= w, key("loss.lcr.window"),
+                      f"{list(lcr.window)} is larger than the {h}x{w} latent frames of {what}")
+
