@@ -213,9 +213,12 @@ def test_variant_errors_name_the_key(tmp_path, monkeypatch):
     from pathlib import Path
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    from tools.study import Study
+
+    # A wan variant without a folder is trained here, so its VAE config must train model.kind wan.
     bad_kind = _study_yaml(tmp_path, BASE.replace("{name: lcr_lmr}", "{name: wan, kind: wan}"))
-    with pytest.raises(ConfigError, match=r"variants\[1\]\.path"):
-        load_config(StudyConfig, bad_kind)
+    with pytest.raises(ConfigError, match=r"variants\[1\]\.kind: 'wan', but its VAE trains model\.kind 'ssvae'"):
+        Study(load_config(StudyConfig, bad_kind), str(bad_kind))
 
 
 def test_bad_variant_override_fails_before_anything_runs(tmp_path, monkeypatch):

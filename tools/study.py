@@ -96,7 +96,8 @@ class Study:
                   f"eval.video_roots={d / 'real_heldout' if self._has_real_heldout() else d / 'prompts'}"]
                  if self.cfg.data.wire_roots else [])
         fixed = [f"run.output_dir={self.variant_dir(variant) / 'vae'}"]
-        return self._load(VAETrainConfig, self.cfg.vae, wired, fixed, variant.vae_overrides,
+        template = dataclasses.replace(self.cfg.vae, config=variant.vae_config) if variant.vae_config else self.cfg.vae
+        return self._load(VAETrainConfig, template, wired, fixed, variant.vae_overrides,
                           f"variant {variant.name} (vae)")
 
     def first_stage_plan(self, variant: VariantConfig) -> tuple[str, str]:

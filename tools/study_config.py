@@ -155,6 +155,7 @@ class VariantConfig:
     kind: str = "ssvae"  # ssvae | wan | cogvideox: the first stage's kind (a trained one's VAE config's model.kind)
     # An existing first-stage folder (SSVAE save_pretrained, or a diffusers Wan / CogVideoX VAE): not trained.
     path: str = ""
+    vae_config: str = ""  # this variant's VAE YAML instead of vae.config (e.g. configs/vae/tiny_wan.yaml)
     vae_overrides: list[str] = field(default_factory=list)  # added to vae.overrides (e.g. loss.lmr.enabled=false)
     t2v_overrides: list[str] = field(default_factory=list)  # added to t2v.overrides (e.g. first_stage.tile_size=256)
     control: ControlConfig = field(default_factory=ControlConfig)
@@ -178,6 +179,8 @@ class VariantConfig:
             bad = [o for o in getattr(self, key) if "=" not in o]
             check(not bad, f"{prefix}.{key}", f"must be key=value, got {bad}")
         self.control.validate(f"{prefix}.control")
+        check(not self.vae_config or Path(self.vae_config).is_file(), f"{prefix}.vae_config",
+              f"{self.vae_config} is not a file")
         if self.is_control:
             check(not self.path and not self.vae_overrides, f"{prefix}.control",
                   "a control transforms its source's VAE: it takes no path and no vae_overrides")
