@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from infra.config import ConfigError, load_config
-from test_vae_data_parallel import RECIPE, losses
+from test_vae_data_parallel import RECIPE, data, losses  # noqa: F401 (data: the generated clips, a fixture)
 from test_vae_train import ENV, ROOT
 
 TINY = {
@@ -17,15 +17,6 @@ TINY = {
     "cogvideox": ["model.kind=cogvideox", "model.cogvideox.block_out_channels=[16,32,32,64]",
                   "model.cogvideox.layers_per_block=1", "model.cogvideox.norm_num_groups=8"],
 }
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("arch_data")
-    subprocess.run([sys.executable, "-m", "tools.make_default_data", "--out", str(out), "--num-videos", "8",
-                    "--num-images", "4", "--size", "32", "--frames", "17"], check=True, env=ENV, cwd=ROOT,
-                   capture_output=True)
-    return out
 
 
 def train(out, data, *overrides):
