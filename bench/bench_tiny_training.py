@@ -43,7 +43,7 @@ def vae_step_time(cfg, batch: int, frames: int, height: int, width: int, steps: 
     from vae.model import SSVAE
 
     torch.manual_seed(0)
-    model = SSVAE(cfg.model)
+    model = SSVAE(cfg.model.design)
     loss_cfg = cfg.loss
     loss_cfg.perceptual_weight, loss_cfg.disc_weight = 0.0, 0.0
     loss = SSVAELoss(loss_cfg)

@@ -88,6 +88,9 @@ def test_tiny_vae_trains_with_deepspeed_launcher_and_heldout_real_loss_falls(tmp
                                        "loss/kl_per_element", "loss/perceptual", "lmr/mask_ratio"))
     assert (tmp_path / "run/model/config.json").is_file()
     assert (tmp_path / "run/model_raw/config.json").is_file()  # with an EMA, model/ holds the EMA weights
+    from vae.model import SSVAE
+
+    SSVAE.from_pretrained(tmp_path / "run/model")  # the export loads as it is: no training-only keys in its config
     assert list((tmp_path / "run/reconstructions/step_000060").glob("*.mp4"))
 
 
@@ -125,7 +128,7 @@ def test_bf16_weights_train_on_fp32_clips_without_an_outer_autocast():
                        "perceptual.pretrained=false", "loss.perceptual_weight=1.0", "loss.disc_start=0"])
     torch.manual_seed(0)
     loss = SSVAELoss(cfg.loss, LPIPS.from_config(cfg.perceptual))
-    model = AutoencoderWithLoss(SSVAE(cfg.model), loss)
+    model = AutoencoderWithLoss(SSVAE(cfg.model.design), loss)
     for module in (model, loss.discriminator):
         for param in module.parameters():
             param.data = param.data.to(torch.bfloat16)

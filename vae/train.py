@@ -93,13 +93,13 @@ def build_vae(cfg: VAETrainConfig) -> SSVAE | DiffusersVAE:
     if kind != "ssvae":
         vae = DiffusersVAE.from_pretrained(kind, source) if source else DiffusersVAE.from_config(kind, cfg.model.design)
     elif not source:
-        vae = SSVAE(cfg.model)
+        vae = SSVAE(cfg.model.design)
     elif Path(source).is_dir():
         vae = SSVAE.from_pretrained(source)
     else:
         from vae.official import load_official
 
-        vae = load_official(source, cfg.model)
+        vae = load_official(source, cfg.model.design)
     if cfg.model.encoder.frozen:
         vae.encoder.requires_grad_(False)
     if not cfg.loss.lmr.enabled:  # the token then never reaches the loss: nothing to train, nothing to reduce

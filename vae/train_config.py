@@ -1,7 +1,7 @@
 """The schema of a VAE training run (configs/vae/*.yaml)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from infra.config import DeepSpeedConfig, OptimizerConfig, RunConfig, check, join_key
 from infra.data.config import DataConfig
@@ -54,7 +54,12 @@ class VAEModelConfig(SSVAEConfig):
 
     @property
     def design(self) -> "SSVAEConfig | WanVAEConfig | CogVideoXVAEConfig":
-        return {"wan": self.wan, "cogvideox": self.cogvideox}.get(self.kind, self)
+        if self.kind == "wan":
+            return self.wan
+        if self.kind == "cogvideox":
+            return self.cogvideox
+        # A plain SSVAEConfig: the model saves its config, and a saved folder must not carry the training-only keys.
+        return SSVAEConfig(**{f.name: getattr(self, f.name) for f in fields(SSVAEConfig)})
 
     @property
     def z_channels(self) -> int:
