@@ -164,16 +164,10 @@ def test_standalone_sampling_matches_training_samples(t2v_config, whole_run, tmp
         assert diff.mean() < 1.0, (diff.mean(), diff.max())
 
 
-def test_deepspeed_launcher_runs_dit_train(t2v_config):
-    out = t2v_config.parent / "launcher"
-    run_t2v(t2v_config, out, "run.max_steps=2", "sampling.enabled=false", launcher="deepspeed")
-    assert sorted(logged_losses(out)) == [1, 2]
-    assert (out / "checkpoints/step_000002/dit/mp_rank_00_model_states.pt").is_file()
-
-
-def test_dit_training_logs_index_and_batch_skips(t2v_config, tmp_path):
-    """A bad meta line (found while indexing) and an undecodable mp4 (found while loading a batch) are skipped by the
-    DiT training and logged per reason in metrics.jsonl, as the VAE training does."""
+def test_dit_training_under_the_deepspeed_launcher_logs_index_and_batch_skips(t2v_config, tmp_path):
+    """Launched as a cluster user would (the deepspeed launcher), a DiT training skips a bad meta line (found while
+    indexing) and an undecodable mp4 (found while loading a batch), logs each per reason in metrics.jsonl, as the VAE
+    training does, and checkpoints."""
     import shutil
     import tarfile
 
@@ -193,7 +187,9 @@ def test_dit_training_logs_index_and_batch_skips(t2v_config, tmp_path):
             tar.addfile(member, io.BytesIO(payload))
     out = tmp_path / "run"
     run_t2v(t2v_config, out, f"data.video_roots={data}", "run.max_steps=3", "run.eval_every=0",
-            "run.eval_at_start=false", "run.save_every=0")
+            "run.eval_at_start=false", "run.save_every=0", "sampling.enabled=false", launcher="deepspeed")
+    assert sorted(logged_losses(out)) == [1, 2, 3]
+    assert (out / "checkpoints/step_000003/dit/mp_rank_00_model_states.pt").is_file()  # the final save
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logged = {k: sum(r.get(k, 0.0) for r in rows) for r in rows for k in r if k.startswith("data/")}
     assert logged.get("data/index_skipped_bad_meta_line") == 1.0, logged

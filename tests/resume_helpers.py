@@ -1,0 +1,22 @@
+"""Resume tests without a third launch: the interrupted run starts from a copy of the uninterrupted run's checkpoint,
+as a run stopped at that step would (the checkpoint a periodic save wrote is the same one a stop writes; the stop
+path itself is tested in test_checkpoint_faults and test_multinode)."""
+import shutil
+from pathlib import Path
+
+
+def start_from_checkpoint_of(whole: Path, parts: Path, step: int) -> Path:
+    """Give ``parts`` only ``whole``'s complete checkpoint at ``step``, named latest; returns the copy."""
+    name = f"step_{step:06d}"
+    source = whole / "checkpoints" / name
+    if not (source / "COMPLETE").is_file():
+        raise FileNotFoundError(f"{source} is not a complete checkpoint (the run's save_every / keep_last?)")
+    target = parts / "checkpoints" / name
+    shutil.copytree(source, target)
+    (parts / "checkpoints" / "latest").write_text(name + "\n")
+    return target
+
+
+def steps_after(losses: dict, step: int) -> dict:
+    """The entries of a {step: value} log after ``step``: what a resumed run logs itself."""
+    return {s: v for s, v in losses.items() if s > step}
