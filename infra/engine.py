@@ -6,7 +6,6 @@ rate); each is a separate ``deepspeed.initialize`` call sharing the one process 
 from __future__ import annotations
 
 import logging
-import sys
 
 import torch
 from torch import nn
@@ -65,14 +64,6 @@ def _deep_update(base: dict, extra: dict) -> None:
             base[k] = v
 
 
-def _skip_deepspeeds_muon_import() -> None:
-    """DeepSpeed's ZeRO optimizer check imports its Muon optimizer just to compare types, and that import sets up
-    torch.compile: 1.4 s of every training process's start (measured on CPU). Our engines never build Muon (the
-    optimizer section offers Adam and AdamW), so the module is marked absent: DeepSpeed catches the ImportError and
-    checks our optimizer against its other supported types, as it does where Muon is not installed."""
-    sys.modules.setdefault("deepspeed.runtime.zero.muon.muon_optimizer", None)
-
-
 def build_engine(module: nn.Module, ds: DeepSpeedConfig, opt: OptimizerConfig, world_size: int, mpu=None):
     """Wrap ``module`` (only its trainable parameters are optimised) in a DeepSpeed engine.
 
@@ -81,7 +72,6 @@ def build_engine(module: nn.Module, ds: DeepSpeedConfig, opt: OptimizerConfig, w
     not by ``world_size`` (DeepSpeed checks it against the data-parallel size)."""
     import deepspeed
 
-    _skip_deepspeeds_muon_import()
     cuda = torch.cuda.is_available()
     kernel = optimizer_kernel(ds, cuda)
     if ds.precision == "bf16" and not cuda:

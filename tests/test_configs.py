@@ -66,3 +66,40 @@ def test_fused_optimizer_accepts_yaml_yes_no(value, expected):
     with pytest.raises(ConfigError, match="deepspeed.fused_optimizer"):
         load_config(VAETrainConfig, ROOT / "configs/vae/tiny.yaml",
                     ["data.video_roots=x", "data.image_roots=y", "deepspeed.fused_optimizer=maybe"])
+
+
+# (time, space, channels) of every shipped VAE config: a change of compression is a change of study, never a side
+# effect of an edit elsewhere.
+COMPRESSION = {"baseline_256p.yaml": (4, 16, 48), "lcr_only_256p.yaml": (4, 16, 48), "lmr_only_256p.yaml": (4, 16, 48),
+               "stage1_256p.yaml": (4, 16, 48), "stage2_512p.yaml": (4, 16, 48), "tiny.yaml": (4, 4, 48),
+               "tiny_wan.yaml": (4, 16, 48), "tiny_cogvideox.yaml": (4, 8, 16)}
+
+
+@pytest.mark.parametrize("path", VAE_CONFIGS, ids=lambda p: p.name)
+def test_vae_configs_state_their_compression_and_have_it(path):
+    import re
+
+    cfg = load_config(VAETrainConfig, path, ["data.video_roots=x", "data.image_roots=y"])
+    model = cfg.model
+    have = (model.temporal_compression, model.spatial_compression, model.z_channels)
+    assert have == COMPRESSION[path.name]
+    stated = re.match(r"# Compression: (\d+)x(\d+)x(\d+) into (\d+) channels \((\d+)x\)", path.read_text())
+    assert stated, f"{path.name}: the first line states the compression"
+    t, h, w, c, factor = map(int, stated.groups())
+    assert (t, h, c) == have and w == h
+    assert factor == t * h * w * 3 // c  # RGB numbers in per latent number
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "tiny_wan.yaml", "tiny_cogvideox.yaml"])
+def test_tiny_vae_configs_give_the_latent_shape_they_state(name):
+    """The built model, not only the config arithmetic: a 9-frame clip at the training crop."""
+    import torch
+
+    from vae.train import build_vae
+
+    cfg = load_config(VAETrainConfig, ROOT / "configs/vae" / name, ["data.video_roots=x", "data.image_roots=y"])
+    t, s, c = COMPRESSION[name]
+    clip = torch.zeros(1, 3, 9, cfg.data.height, cfg.data.width)
+    with torch.no_grad():
+        latent = build_vae(cfg).posterior(clip).mean
+    assert tuple(latent.shape) == (1, c, 1 + 8 // t, cfg.data.height // s, cfg.data.width // s)
