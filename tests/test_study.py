@@ -459,3 +459,23 @@ def test_a_failed_dit_training_lets_the_running_one_finish_starts_no_more_and_is
     ended = {(row[1], row[2]) for row in log if row[0] == "end"}
     assert started == ended  # nothing left running
     assert len(started) < len(jobs)  # the queued ones were not started
+
+
+def test_pooling_baseline_reproduces_what_is_constant_over_its_blocks_and_loses_the_rest():
+    """The report's pooling baselines on a constructed clip: a clip constant over 16x16 blocks is what a 16x pool
+    keeps exactly; a 1-pixel checkerboard on top is lost at every pooling size and kept at 1."""
+    import torch
+
+    from infra.metrics.image_quality import psnr
+    from tools.study import _block_means
+
+    blocks = torch.rand(1, 3, 2, 4, 4, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8
+    clip = blocks.repeat_interleave(16, dim=3).repeat_interleave(16, dim=4)  # 64x64 frames
+    torch.testing.assert_close(_block_means(clip, 16), clip)
+    torch.testing.assert_close(_block_means(clip, 8), clip)
+    checker = ((torch.arange(64).view(-1, 1) + torch.arange(64)) % 2 * 2 - 1).float() * 0.1
+    detailed = clip + checker
+    for k in (2, 8, 16):
+        torch.testing.assert_close(_block_means(detailed, k), clip)
+    # An error of 0.1 everywhere on the [-1, 1] range: 20 log10(2 / 0.1) = 26.02 dB.
+    assert float(psnr(_block_means(detailed, 16), detailed).mean()) == pytest.approx(26.02, abs=0.01)

@@ -154,3 +154,15 @@ def test_half_precision_latent_is_measured_in_float32():
     corr = local_correlation(z)
     assert corr["avg_corr"].dtype == torch.float32
     torch.testing.assert_close(corr["avg_corr"], local_correlation(z.float())["avg_corr"])
+
+
+def test_smoothing_a_latent_raises_its_local_correlation_and_noise_has_none():
+    """The manipulation check's instrument on constructed latents: independent noise has no local correlation,
+    neighbouring positions made alike (a spatial box blur, then a temporal one) raise the image and video terms."""
+    noise = torch.randn(2, 16, 9, 16, 16, generator=torch.Generator().manual_seed(0))
+    spatial = torch.nn.functional.avg_pool3d(noise, (1, 3, 3), stride=1, padding=(0, 1, 1), count_include_pad=False)
+    both = torch.nn.functional.avg_pool3d(spatial, (3, 1, 1), stride=1, padding=(1, 0, 0), count_include_pad=False)
+    plain, smooth, smoother = (local_correlation(z) for z in (noise, spatial, both))
+    assert abs(plain["avg_corr"]) < 0.02
+    assert smooth["image_corr"] > 0.4 and smooth["video_corr"] > 0.2
+    assert smoother["video_corr"] > smooth["video_corr"] + 0.1
