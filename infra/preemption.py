@@ -89,7 +89,6 @@ class PreemptionWatch:
         self._launchers = launcher_ancestors()
 
     def __enter__(self) -> "PreemptionWatch":
-        self._parent = os.getppid()
         self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         die_with_parent(signal.SIGTERM)
         return self

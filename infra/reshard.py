@@ -17,8 +17,8 @@ What stays world-size free without help: the trainer's state (step, global data 
 from __future__ import annotations
 
 import argparse
-import os
 import logging
+import os
 import re
 import shutil
 import time
@@ -75,7 +75,8 @@ def convert_to_universal(engine_dir: Path, out: Path) -> dict:
                            f"{saved_dp} data-parallel ranks (x {saved_mp} tensor-parallel)")
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    args = argparse.Namespace(input_folder=str(engine_dir), output_folder=str(out), num_extract_workers=max(1, min(4, os.cpu_count() or 1)),
+    extract_workers = max(1, min(4, os.cpu_count() or 1))  # 2 workers: 13.0 s against 18.0 s for 1 (README)
+    args = argparse.Namespace(input_folder=str(engine_dir), output_folder=str(out), num_extract_workers=extract_workers,
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
     start = time.perf_counter()
     with weights_only_torch_load():

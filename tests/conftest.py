@@ -18,6 +18,23 @@ def shared_dir() -> Path:
     return SHARED
 
 
+@pytest.fixture(scope="session")
+def generated_clips(tmp_path_factory):
+    """``generated_clips(size)``: tools.make_default_data's scenes (12 videos of 17 frames, 8 images) at ``size``
+    pixels, written once per size per session for every test file that trains a VAE on them."""
+    from tools.make_default_data import make_default_data
+
+    made: dict[int, Path] = {}
+
+    def at(size: int) -> Path:
+        if size not in made:
+            made[size] = tmp_path_factory.mktemp(f"default_data_{size}")
+            make_default_data(made[size], num_videos=12, num_images=8, size=size, frames=17, show_progress=False)
+        return made[size]
+
+    return at
+
+
 # ---------------------------------------------------------------------- tiny text-to-video runs shared by test files
 LORA_ARGS = ("lora.enabled=true", "lora.rank=8", "lora.alpha=8", "run.max_steps=12", "run.eval_every=0",
              "run.eval_at_start=false", "run.save_every=6", "optimizer.lr=1e-2", "optimizer.warmup_steps=0")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from resume_helpers import start_from_checkpoint_of, steps_after
+from run_helpers import start_from_checkpoint_of, steps_after
 from test_t2v_train import logged_losses, run_t2v, t2v_config  # noqa: F401  (t2v_config is a fixture)
 
 

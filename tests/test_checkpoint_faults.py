@@ -15,7 +15,8 @@ from infra.checkpoint import (CheckpointDiskFull, CheckpointManager, RECOVERY_SC
                               write_manifest)
 from infra.distributed import free_port
 from infra.preemption import EXIT_PREEMPTED
-from test_trainer import ENV, HELPERS, _losses, _run
+from run_helpers import logged_losses
+from test_trainer import ENV, HELPERS, _run
 
 
 def _cmd(out: Path, *overrides: str, torchrun: bool = False) -> list[str]:
@@ -34,7 +35,7 @@ def saved_run(tmp_path_factory):
     _run(whole, "run.max_steps=8", "run.save_every=2")
     parts = root / "parts"
     _run(parts, "run.max_steps=8", "run.save_every=2", "run.stop_after=6")
-    return parts, _losses(whole)
+    return parts, logged_losses(whole)
 
 
 def _copy(run: Path, dest: Path) -> Path:
@@ -86,7 +87,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_and_resumes_exac
     proc = _run(run, "run.max_steps=8", "run.save_every=2")
     assert "step_000006 does not verify" in proc.stderr and "falling back" in proc.stderr
     assert "resumed from" in proc.stderr and "step_000004 at step 4" in proc.stderr
-    assert _losses(run) == whole_losses  # steps 5 and 6 redone, bit for bit
+    assert logged_losses(run) == whole_losses  # steps 5 and 6 redone, bit for bit
 
 
 def test_no_verifying_checkpoint_stops_with_every_bad_file_named(saved_run, tmp_path):
@@ -137,7 +138,7 @@ def test_sigterm_checkpoints_exits_preempted_exports_nothing_and_resumes_exactly
     saved = CheckpointManager(out / "checkpoints").latest()
     assert saved is not None and 3 <= int(saved.name[5:]) < 30
     _run(out, "run.max_steps=30")
-    assert (out / "export.txt").is_file() and _losses(out) == _losses(whole)
+    assert (out / "export.txt").is_file() and logged_losses(out) == logged_losses(whole)
 
 
 def test_a_trainer_whose_launcher_dies_checkpoints_and_stops(tmp_path):

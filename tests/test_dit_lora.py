@@ -12,7 +12,7 @@ from dit.lora import LORA_DIR, LoraConfig, add_adapters, adapter_state_dict, exp
 from infra.config import ConfigError
 from test_dit_transformer import inputs, reference_output, tiny_config
 from conftest import LORA_ARGS
-from resume_helpers import start_from_checkpoint_of, steps_after
+from run_helpers import start_from_checkpoint_of, steps_after
 from test_t2v_train import logged_losses, run_t2v
 
 diffusers = pytest.importorskip("diffusers")

@@ -2,7 +2,6 @@
 (the other node checkpoints and stops, the run resumes exactly), and a Slurm job's tasks started without a launcher
 (``SLURM_*`` variables as srun sets them). The DiT and the VAE on two node agents: tests/test_reshard.py and
 tests/test_vae_data_parallel.py."""
-import json
 import os
 import signal
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 
 from infra.distributed import first_node, free_port
 from multinode_helpers import ENV, ROOT, run_nodes, start_nodes
+from run_helpers import logged_losses
 
 TOY = Path(__file__).parent / "helpers" / "toy_task.py"
 STEPS = 24
@@ -25,11 +25,6 @@ def toy_args(tmp_path: Path, out: Path, *extra: str) -> list[str]:
     return [str(TOY), "--config", str(config), f"run.output_dir={out}", "run.progress_bar=false", *extra]
 
 
-def losses(out: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
 @pytest.fixture(scope="module")
 def one_node(tmp_path_factory):
     """The reference: 2 ranks on one node (torchrun --nproc_per_node 2)."""
@@ -38,7 +33,7 @@ def one_node(tmp_path_factory):
            *toy_args(tmp, tmp / "run")]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return losses(tmp / "run")
+    return logged_losses(tmp / "run")
 
 
 def test_losing_a_node_agent_checkpoints_on_the_other_and_the_run_resumes_exactly(tmp_path, one_node):
@@ -57,7 +52,7 @@ def test_losing_a_node_agent_checkpoints_on_the_other_and_the_run_resumes_exactl
     saved = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     assert saved and saved[-1] != f"step_{STEPS:06d}" and not (out / "export.txt").exists()
     run_nodes(toy_args(tmp_path, out))  # the same command again, on both nodes: resumes
-    assert losses(out) == one_node  # every step, before and after the loss of the node, bit for bit
+    assert logged_losses(out) == one_node  # every step, before and after the loss of the node, bit for bit
     assert (out / "export.txt").is_file()
 
 
@@ -74,7 +69,7 @@ def test_slurm_tasks_without_a_launcher_train_like_torchrun(tmp_path, one_node):
     for proc in procs:
         output = proc.communicate(timeout=300)[0]
         assert proc.returncode == 0, output[-3000:]
-    assert losses(out) == one_node
+    assert logged_losses(out) == one_node
 
 
 @pytest.mark.parametrize("nodelist,first", [("node[01-04,07],gpu5", "node01"), ("gpu-[3,5-7]-ib", "gpu-3-ib"),

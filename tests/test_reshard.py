@@ -35,17 +35,25 @@ def exported(run):
     return load_file(str(next((run / "dit").glob("*.safetensors"))))
 
 
-# The ZeRO-2 run's checkpoint written by 2 ranks, for the test below (which makes its own when run alone).
-TWO_RANK_CHECKPOINTS = {}
+@pytest.fixture(scope="module")
+def two_rank_start(config, tmp_path_factory):
+    """``two_rank_start(zero)``: a run folder of 2 ranks under that ZeRO stage stopped at step 2, made once per stage;
+    the tests below resume copies of it."""
+    made = {}
+
+    def run_for(zero: int):
+        if zero not in made:
+            made[zero] = tmp_path_factory.mktemp(f"two_ranks_zero{zero}") / "run"
+            _train(config, made[zero], *COMMON, f"deepspeed.zero_stage={zero}", "run.stop_after=2", nproc=2)
+        return made[zero]
+
+    return run_for
 
 
 @pytest.mark.parametrize("zero", [1, 2, 3])
-def test_resume_on_fewer_then_more_ranks_equals_uninterrupted(config, uninterrupted, tmp_path, zero):
+def test_resume_on_fewer_then_more_ranks_equals_uninterrupted(config, uninterrupted, two_rank_start, tmp_path, zero):
     run, stage = tmp_path / "run", f"deepspeed.zero_stage={zero}"
-    _train(config, run, *COMMON, stage, "run.stop_after=2", nproc=2)
-    if zero == 2:
-        shutil.copytree(run / "checkpoints", tmp_path / "two_rank_checkpoints")
-        TWO_RANK_CHECKPOINTS["zero2"] = tmp_path / "two_rank_checkpoints"
+    shutil.copytree(two_rank_start(zero), run)
     assert (run / "checkpoints/step_000002/dit").is_dir()
     _train(config, run, *COMMON, stage, "run.stop_after=4", "deepspeed.gradient_accumulation_steps=2")  # 2 -> 1
     _train(config, run, *COMMON, stage, nproc=2)  # 1 -> 2
@@ -63,14 +71,11 @@ def test_resume_on_fewer_then_more_ranks_equals_uninterrupted(config, uninterrup
         torch.testing.assert_close(ours[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_a_checkpoint_that_cannot_be_repartitioned_says_so(config, tmp_path):
+def test_a_checkpoint_that_cannot_be_repartitioned_says_so(config, two_rank_start, tmp_path):
     """A checkpoint that verifies but cannot be loaded at this data-parallel size is named as such (not as a
     damaged one), with what to do, and training does not fall back to an older checkpoint."""
     run = tmp_path / "run"
-    if "zero2" in TWO_RANK_CHECKPOINTS:
-        shutil.copytree(TWO_RANK_CHECKPOINTS["zero2"], run / "checkpoints")
-    else:
-        _train(config, run, *COMMON, "run.stop_after=2", nproc=2)
+    shutil.copytree(two_rank_start(2), run)
     # Pose as a tensor-parallel checkpoint (optimizer partitions of a second model-parallel rank), which the
     # universal conversion here does not re-partition. The manifest still verifies: it lists only the files saved.
     engine = run / "checkpoints/step_000002/dit"

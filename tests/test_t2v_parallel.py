@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from infra.distributed import free_port
-from resume_helpers import start_from_checkpoint_of, steps_after
+from run_helpers import start_from_checkpoint_of, steps_after
 from test_t2v_train import ENV, ROOT, logged_losses, make_t2v_assets, read_frames
 
 STEPS = 3

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from infra.distributed import free_port
-from resume_helpers import start_from_checkpoint_of, steps_after
+from run_helpers import logged_losses, start_from_checkpoint_of, steps_after  # noqa: F401 (logged_losses: re-exported)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -70,11 +70,6 @@ def run_t2v(config: Path, out: Path, *overrides: str, launcher: str = "python", 
     if proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
-
-
-def logged_losses(out: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def read_frames(path: Path) -> np.ndarray:

@@ -12,7 +12,7 @@ from infra.distributed import free_port
 
 from infra.config import OptimizerConfig
 from infra.schedule import learning_rate
-from resume_helpers import start_from_checkpoint_of, steps_after
+from run_helpers import logged_losses, start_from_checkpoint_of, steps_after
 
 HELPERS = Path(__file__).parent / "helpers"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -33,18 +33,13 @@ def _run(out: Path, *overrides: str, nproc: int = 1, script: str = "toy_task.py"
     return proc
 
 
-def _losses(out: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
 def test_resume_equals_uninterrupted_zero2_two_processes(tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     _run(whole, "deepspeed.zero_stage=2", "run.save_every=3", nproc=2)
     copy = start_from_checkpoint_of(whole, parts, 3)
     assert (copy / "model/zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
     _run(parts, "deepspeed.zero_stage=2", "run.save_every=3", nproc=2)
-    a, b = _losses(whole), _losses(parts)
+    a, b = logged_losses(whole), logged_losses(parts)
     assert sorted(a) == list(range(1, 7))
     assert b == steps_after(a, 3) and sorted(b) == [4, 5, 6]  # every loss after the resume, bit for bit
     assert len(set(a.values())) == 6  # and the losses really change from step to step
@@ -60,7 +55,7 @@ def test_crash_while_saving_keeps_last_good_checkpoint(tmp_path):
     assert (ckpts / ".tmp-step_000004").is_dir() and not (ckpts / "step_000004").exists()
     assert (ckpts / "latest").read_text().strip() == "step_000002"
     _run(crashed, "run.save_every=2")  # resume=auto ignores the torn checkpoint
-    assert _losses(crashed) == _losses(whole)
+    assert logged_losses(crashed) == logged_losses(whole)
 
 
 def test_nonfinite_loss_is_skipped_and_counted(tmp_path):
@@ -95,7 +90,7 @@ def test_gradient_accumulation_resume_is_exact(tmp_path):
     state = json.loads((copy / "trainer_state.json").read_text())
     assert state["data_position"] == 6  # two micro-batches per optimizer step
     _run(parts, "deepspeed.gradient_accumulation_steps=2", "run.save_every=3")
-    assert _losses(parts) == steps_after(_losses(whole), 3) != {}
+    assert logged_losses(parts) == steps_after(logged_losses(whole), 3) != {}
 
 
 def test_torch_fused_adamw_kernel_is_used_and_trains_the_same(one_process_group):

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from infra.unused_parameters import UnusedParameterError, UnusedParameterGuard, reached_parameters
-from test_trainer import _losses, _run
+from run_helpers import logged_losses
+from test_trainer import _run
 
 
 class TwoBranches(nn.Module):
@@ -59,5 +60,5 @@ def test_two_ranks_train_when_one_rank_never_uses_a_parameter(tmp_path):
     """Rank 1 of 2 reads the odd global batches only, which skip the toy's branch parameter (ZeRO-2; ZeRO-1 shares
     its code path in DeepSpeed, and the VAE's data-parallel tests run both)."""
     _run(tmp_path / "run", "deepspeed.zero_stage=2", "branch_on_even_batches=true", nproc=2)
-    losses = _losses(tmp_path / "run")
+    losses = logged_losses(tmp_path / "run")
     assert sorted(losses) == list(range(1, 7)) and losses[6] < losses[1]

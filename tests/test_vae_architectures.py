@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from infra.config import ConfigError, load_config
-from resume_helpers import start_from_checkpoint_of, steps_after
-from test_vae_data_parallel import RECIPE, data, losses  # noqa: F401 (data: the generated clips, a fixture)
+from run_helpers import start_from_checkpoint_of, steps_after
+from test_vae_data_parallel import RECIPE, losses
 from test_vae_train import ENV, ROOT
 
 TINY = {
@@ -18,6 +18,11 @@ TINY = {
     "cogvideox": ["model.kind=cogvideox", "model.cogvideox.block_out_channels=[16,32,32,64]",
                   "model.cogvideox.layers_per_block=1", "model.cogvideox.norm_num_groups=8"],
 }
+
+
+@pytest.fixture(scope="module")
+def data(generated_clips):
+    return generated_clips(32)  # the clips the data-parallel tests train on
 
 
 def train(out, data, *overrides):

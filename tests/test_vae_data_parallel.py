@@ -36,12 +36,8 @@ RECIPE = ["data.num_frames=9", "data.height=32", "data.width=32", "data.resize=0
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dp_data")
-    subprocess.run([sys.executable, "-m", "tools.make_default_data", "--out", str(out), "--num-videos", "12",
-                    "--num-images", "8", "--size", "32", "--frames", "17"], check=True, env=ENV, cwd=ROOT,
-                   capture_output=True)
-    return out
+def data(generated_clips):
+    return generated_clips(32)
 
 
 def train(out, data, nproc: int, zero: int, accumulation: int, *extra):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from infra.distributed import free_port
-from resume_helpers import start_from_checkpoint_of, steps_after
+from run_helpers import start_from_checkpoint_of, steps_after
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
@@ -27,12 +27,8 @@ TINY = ["data.num_frames=9", "data.height=32", "data.width=32", "data.resize=0",
 
 
 @pytest.fixture(scope="module")
-def default_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("default_data")
-    subprocess.run([sys.executable, "-m", "tools.make_default_data", "--out", str(out), "--num-videos", "12",
-                    "--num-images", "8", "--size", "48", "--frames", "17"], check=True, env=ENV, cwd=ROOT,
-                   capture_output=True)
-    return out
+def default_data(generated_clips) -> Path:
+    return generated_clips(48)
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,10 @@ class WanVAEConfig:
     dropout: float = 0.0
 
     @property
+    def z_channels(self) -> int:
+        return self.z_dim
+
+    @property
     def spatial_compression(self) -> int:
         return self.patch_size * 2 ** (len(self.dim_mult) - 1)
 
@@ -55,6 +59,7 @@ class WanVAEConfig:
               f"needs one entry per down-sampling (len(dim_mult) - 1 = {len(self.dim_mult) - 1}), "
               f"got {len(self.temporal_downsample)}")
         check(0.0 <= self.dropout < 1.0, key("dropout"), f"must be in [0, 1), got {self.dropout}")
+
     def build(self) -> nn.Module:
         from diffusers import AutoencoderKLWan
 
@@ -79,6 +84,10 @@ class CogVideoXVAEConfig:
     layers_per_block: int = 3
     norm_num_groups: int = 32
     temporal_compression_ratio: int = 4
+
+    @property
+    def z_channels(self) -> int:
+        return self.latent_channels
 
     @property
     def spatial_compression(self) -> int:

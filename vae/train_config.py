@@ -63,19 +63,15 @@ class VAEModelConfig(SSVAEConfig):
 
     @property
     def z_channels(self) -> int:
-        if self.kind == "wan":
-            return self.wan.z_dim
-        if self.kind == "cogvideox":
-            return self.cogvideox.latent_channels
-        return self.encoder.z_channels
+        return self.design.z_channels
 
     @property
     def spatial_compression(self) -> int:
-        return self.design.spatial_compression if self.kind != "ssvae" else super().spatial_compression
+        return self.design.spatial_compression
 
     @property
     def temporal_compression(self) -> int:
-        return self.design.temporal_compression if self.kind != "ssvae" else super().temporal_compression
+        return self.design.temporal_compression
 
     def validate(self, prefix: str = "model") -> None:
         check(self.kind in VAE_KINDS, join_key(prefix, "kind"), f"must be one of {VAE_KINDS}, got {self.kind!r}")
@@ -137,8 +133,11 @@ class VAETrainConfig:
     def _check_latent_fits_the_regularizers(self, key) -> None:
         """LMR's blocks and LCR's windows must fit the latent of every training clip shape (LMR is keyed by the clip
         height, its training resolution): checked at start-up, not when a batch of that shape first comes."""
-        shapes = [(b, False) for b in self.data.video_buckets()] * (self.data.image_prob < 1) + \
-            [(b, True) for b in self.data.image_buckets()] * (self.data.image_prob > 0)
+        shapes = []  # (bucket, is an image), for the kinds the run draws
+        if self.data.image_prob < 1:
+            shapes += [(b, False) for b in self.data.video_buckets()]
+        if self.data.image_prob > 0:
+            shapes += [(b, True) for b in self.data.image_buckets()]
         lmr, lcr = self.loss.lmr, self.loss.lcr
         for bucket, image in shapes:
             t, h, w = _latent_size(self.model, bucket.frames, bucket.height, bucket.width)

@@ -1,8 +1,16 @@
-"""Resume tests without a third launch: the interrupted run starts from a copy of the uninterrupted run's checkpoint,
-as a run stopped at that step would (the checkpoint a periodic save wrote is the same one a stop writes; the stop
-path itself is tested in test_checkpoint_faults and test_multinode)."""
+"""What tests read from and do to a training run's output folder: its logged losses, and a resume without a third
+launch (the interrupted run starts from a copy of the uninterrupted run's checkpoint, as a run stopped at that step
+would: the checkpoint a periodic save wrote is the one a stop writes; the stop path itself is tested in
+test_checkpoint_faults, test_multinode and test_reshard)."""
+import json
 import shutil
 from pathlib import Path
+
+
+def logged_losses(out: Path) -> dict[int, float]:
+    """{step: loss} from the run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def start_from_checkpoint_of(whole: Path, parts: Path, step: int) -> Path:
