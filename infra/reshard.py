@@ -10,7 +10,8 @@ process, into ``<checkpoints>/universal/step_NNNNNN/<engine>/`` (kept beside the
 verified; a ``COMPLETE`` marker makes an interrupted conversion start again), and every rank loads from there. The
 conversion reads DeepSpeed's files weights-only (``weights_only_torch_load``), like everything else here.
 
-What stays world-size free without help: the trainer's state (step, global data position), the EMA
+The conversion restores parameters and optimizer states; the module's buffers (spectral norm's vectors) are copied
+from the checkpoint's model states after it (``restore_buffers``). What stays world-size free without help: the trainer's state (step, global data position), the EMA
 (``tensors.safetensors``), and the data order and random draws, which follow the global batch index
 (``infra.data.sampling``, ``infra.batch_generator``).
 """
@@ -82,7 +83,8 @@ def convert_to_universal(engine_dir: Path, out: Path) -> dict:
     with weights_only_torch_load():
         ds_to_universal.main(args)
     seconds = time.perf_counter() - start
-    # The universal loader reads the model states (step counters, buffers) from the tag folder itself.
+    # The universal loader reads the model states (step counters) from the tag folder itself; load_universal restores
+    # the module's buffers from them.
     for model_file in engine_dir.glob("*model_states.pt"):
         if not (out / model_file.name).exists():
             shutil.copy2(model_file, out / model_file.name)
@@ -102,6 +104,29 @@ def load_universal(engine, universal_checkpoint: Path, name: str) -> None:
         config.load_universal_checkpoint = previous
     if load_path is None:
         raise FileNotFoundError(f"{universal_checkpoint / name}: DeepSpeed found no universal checkpoint there")
+    restore_buffers(engine.module, universal_checkpoint / name)
+
+
+def restore_buffers(module, folder: Path) -> list[str]:
+    """Copy ``module``'s saved buffers from the checkpoint's model states in ``folder``; returns their names.
+
+    DeepSpeed's universal load restores parameters and optimizer states but never loads the module's state dict, so
+    buffers would keep their fresh values: the PatchGAN's spectral-norm u/v vectors (measured: a VAE resumed on
+    another number of ranks drifted by 2e-3 in its GAN terms from the first step on), running statistics."""
+    import torch
+
+    files = sorted(folder.glob("*model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no model states file (*model_states.pt) to restore the buffers from")
+    with weights_only_torch_load():
+        saved = torch.load(files[0], map_location="cpu")["module"]
+    restored = []
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            if name in saved:
+                buffer.copy_(saved[name])
+                restored.append(name)
+    return restored
 
 
 def _tree_size(folder: Path) -> int:

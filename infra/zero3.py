@@ -1,7 +1,9 @@
-"""Whole parameters of a ZeRO-3 module, for the few places that need them outside its forward (export)."""
+"""ZeRO-3 helpers: whole parameters of a module for the few places that need them outside its forward (export), and
+autograd passes beside the training backward (adaptive loss weights)."""
 from __future__ import annotations
 
-from contextlib import nullcontext
+import weakref
+from contextlib import contextmanager, nullcontext
 
 from torch import nn
 
@@ -19,3 +21,66 @@ def full_parameters(module: nn.Module):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+
+
+@contextmanager
+def gathered_before_own_hooks(module: nn.Module):
+    """Around ``deepspeed.initialize`` of ``module`` under ZeRO-3: ZeRO-3 gathers a layer's weights in a forward
+    pre-hook registered after the layer's own, so a layer whose own pre-hook reads them (``torch.nn.utils.
+    spectral_norm``, ``weight_norm``: the PatchGAN's convs) would see them partitioned. On leaving, the layers' own
+    pre-hooks are moved behind DeepSpeed's. That order also keeps the normalised weight's backward (made in the hook,
+    now after DeepSpeed wrapped the layer's inputs) ahead of the release of the weights at the end of the layer's
+    backward. (Making the parent a DeepSpeed leaf module gathers in time too, but DeepSpeed reduces a leaf's
+    gradients in a full backward hook, which fires before the weight gradients when the input needs none: the
+    discriminator's first layers.)"""
+    own = {m: list(m._forward_pre_hooks) for m in module.modules() if m._forward_pre_hooks}
+    yield
+    for m, keys in own.items():
+        for key in keys:
+            m._forward_pre_hooks.move_to_end(key)
+
+
+def gather_loose_parameters(module: nn.Module) -> list[str]:
+    """Prepare ``module`` for ZeRO-3 (before ``deepspeed.initialize``): ZeRO-3 gathers a parameter only around the
+    forward of the module that owns it. A parameter owned directly by a container (a module with submodules, e.g.
+    the SSVAE's LMR mask token) is typically used by a method of it, or by its parent, not inside its own forward,
+    and would be seen partitioned, ``(0,)``-shaped. Each becomes an external parameter of ``module``, whole for the
+    whole of ``module``'s forward (DeepSpeed's ``register_external_parameter``). Returns their names."""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    loose = [(f"{owner}.{name}" if owner else name, p) for owner, m in module.named_modules()
+             if m is not module and next(m.children(), None) is not None
+             for name, p in m.named_parameters(recurse=False)]
+    for _, p in loose:
+        register_external_parameter(module, p)
+    return [name for name, _ in loose]
+
+
+# DeepSpeed's per-module backward bookkeeping (deepspeed.runtime.zero.parameter_offload): a module's forward arms
+# ``applied_pre_backward_ref_cnt`` (one weight gather before its backward, per forward) and ``ds_grads_remaining``
+# (release its weights once every input's gradient has passed).
+_BACKWARD_COUNTERS = ("applied_pre_backward_ref_cnt", "ds_grads_remaining")
+
+
+# Modules whose engines run ZeRO-3 in this process (infra.engine registers them): what ``side_backward`` restores.
+_ZERO3_MODULES: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def register_zero3_module(module: nn.Module) -> None:
+    _ZERO3_MODULES.add(module)
+
+
+@contextmanager
+def side_backward():
+    """A context for autograd passes beside the training backward, e.g. ``torch.autograd.grad`` of a loss w.r.t. one
+    layer's weight (the adaptive LCR and GAN weights). Under ZeRO-3 such a pass uses up the weight gathers that the
+    forward armed for the backward, and the real backward then runs on freed, ``(0,)``-shaped weights ("weight should
+    have at least three dimensions"). On leaving, every module of every ZeRO-3 engine gets its counters back, so the
+    real backward gathers (and releases) its weights again. A no-op without ZeRO-3 engines."""
+    saved = [(m, name, m.__dict__[name]) for root in list(_ZERO3_MODULES) for m in root.modules()
+             for name in _BACKWARD_COUNTERS if name in m.__dict__]
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)

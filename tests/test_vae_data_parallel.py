@@ -1,11 +1,14 @@
 """The SSVAE's released-recipe losses on several ranks (gloo, CPU): LMR, LCR with its adaptive weight, the PatchGAN
-with its adaptive weight, images and videos, every rank drawing differently. A run on W ranks equals the same global
-batches on 1 rank with W accumulation steps: losses step by step and the exported weights.
+with its adaptive weight, images and videos, every rank drawing differently. A run on W ranks (2 or 4, ZeRO 1, 2 or 3)
+equals the same global batches on 1 rank with W accumulation steps: losses step by step and the exported weights. A
+checkpoint resumes on another number of ranks, in both directions, equal to the uninterrupted run.
 
 Before the fix the 2-rank run died at its first backward pass (gloo: "Received data size doesn't match expected
 size"): LMR's mask token had no gradient on a rank that drew mask ratio 0. Making the ranks agree also needed
 rank-free data order and draws (infra.data.sampling, infra.batch_generator) and one spectral-norm power iteration
-per step instead of one per discriminator forward (vae.discriminator.iterate_per_step).
+per step instead of one per discriminator forward (vae.discriminator.iterate_per_step). ZeRO-3 needed the adaptive
+weights' extra autograd passes to leave the weight gathers of the real backward alone (infra.zero3.side_backward),
+spectral norm to run after DeepSpeed's gather, and the mask token to be gathered for the whole forward.
 """
 import json
 import subprocess
@@ -17,6 +20,7 @@ from safetensors.torch import load_file
 
 from infra.distributed import free_port
 from multinode_helpers import run_nodes
+from run_helpers import start_from_checkpoint_of, steps_after
 from test_vae_train import ENV, ROOT
 
 STEPS = 4
@@ -32,7 +36,9 @@ RECIPE = ["data.num_frames=9", "data.height=32", "data.width=32", "data.resize=0
           "optimizer.lr=1e-3", "optimizer.warmup_steps=0", "optimizer.decay_steps=0",
           "disc_optimizer.warmup_steps=0", "disc_optimizer.decay_steps=0",
           f"run.max_steps={STEPS}", "run.log_every=1", "run.eval_every=0", "run.progress_bar=false",
-          "eval.num_clips=1", "eval.write_videos=false"]
+          "run.save_every=2", "eval.num_clips=1", "eval.write_videos=false"]
+# ZeRO-3 keeps parameters below a size threshold whole on every rank, which would leave the tiny model unpartitioned.
+PARTITION_ALL = "deepspeed.extra.zero_optimization.stage3_param_persistence_threshold=0"
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +49,7 @@ def data(generated_clips):
 def train(out, data, nproc: int, zero: int, accumulation: int, *extra):
     args = ["--config", str(ROOT / "configs/vae/tiny.yaml"), f"run.output_dir={out}", f"data.video_roots={data}",
             f"data.image_roots={data}", f"eval.video_roots={data}", *RECIPE, f"deepspeed.zero_stage={zero}",
-            f"deepspeed.gradient_accumulation_steps={accumulation}", *extra]
+            f"deepspeed.gradient_accumulation_steps={accumulation}", *([PARTITION_ALL] if zero == 3 else []), *extra]
     launcher = [sys.executable, "-m", "vae.train"] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
         "-m", "vae.train"]
@@ -59,20 +65,34 @@ def losses(rows):
 
 @pytest.fixture(scope="module")
 def single(data, tmp_path_factory):
-    """The reference: 1 rank, the global batch of W ranks as W accumulation steps."""
+    """The reference: 1 rank, the global batch of W ranks as W accumulation steps (for W=2 under ZeRO-3, whose
+    checkpoint the resume on 2 ranks starts from; ZeRO's stage does not change one rank's arithmetic)."""
     runs = {w: tmp_path_factory.mktemp(f"one_rank_acc{w}") for w in (2, 4)}
-    return {w: (out, train(out, data, 1, 2, w)) for w, out in runs.items()}
+    return {w: (out, train(out, data, 1, 3 if w == 2 else 2, w)) for w, out in runs.items()}
+
+
+@pytest.fixture(scope="module")
+def several_ranks(data, tmp_path_factory):
+    """``several_ranks(nproc, zero)``: (run folder, metrics rows) of a run on ``nproc`` ranks, made once."""
+    made = {}
+
+    def run(nproc: int, zero: int):
+        if (nproc, zero) not in made:
+            out = tmp_path_factory.mktemp(f"ranks{nproc}_zero{zero}")
+            made[nproc, zero] = out, train(out, data, nproc, zero, 1)
+        return made[nproc, zero]
+
+    return run
 
 
 def exported(run):
     return load_file(str(next((run / "model").glob("*.safetensors"))))
 
 
-# ZeRO 1 and 2 on 2 ranks, ZeRO-2 on 4 (4 processes on 2 cores cost 20 s a run; ZeRO-1 and 2 share DeepSpeed's code
-# path, and 4-rank ZeRO-1 was measured equal too). ZeRO-3 is refused, see below.
-@pytest.mark.parametrize("nproc,zero", [(2, 1), (2, 2), (4, 2)])
-def test_released_recipe_on_several_ranks_equals_one_rank(data, single, tmp_path, nproc, zero):
-    rows = train(tmp_path, data, nproc, zero, 1)
+@pytest.mark.parametrize("nproc", [2, 4])
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_released_recipe_on_several_ranks_equals_one_rank(single, several_ranks, nproc, zero):
+    run, rows = several_ranks(nproc, zero)
     reference, reference_rows = single[nproc]
     ours, theirs = losses(rows), losses(reference_rows)
     assert sorted(ours) == sorted(theirs) == list(range(1, STEPS + 1))
@@ -85,10 +105,38 @@ def test_released_recipe_on_several_ranks_equals_one_rank(data, single, tmp_path
     assert any(r.get("lmr/mask_ratio", 0) not in (0.0, 0.25, 0.5, 0.75) for r in rows)
     # LCR and the GAN acted.
     assert any(r.get("loss/lcr", 0) > 0 for r in rows) and any(r.get("loss/gan_generator", 0) != 0 for r in rows)
-    ours, theirs = exported(tmp_path), exported(reference)
+    assert_same_export(run, reference)
+
+
+def assert_same_export(run, reference):
+    """Equal weights up to round-off: ZeRO-3 sums in another order, which Adam's 4 steps at lr 1e-3 turn into up to
+    2e-6 on a few weights (measured); a lost micro-step or buffer moves them by 1e-3."""
+    ours, theirs = exported(run), exported(reference)
     assert ours.keys() == theirs.keys()
     for key, value in theirs.items():
-        torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-6, msg=key)
+        torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("direction", ["2 ranks -> 1", "1 rank -> 2"])
+def test_resume_on_another_number_of_ranks_equals_uninterrupted(data, single, several_ranks, tmp_path, direction):
+    """Under ZeRO-3 (every parameter partitioned), a checkpoint of step 2 resumes on the other number of ranks with
+    the same global batch and ends equal to the uninterrupted 1-rank run: losses of steps 3-4 and the exported
+    weights. Both engines are converted to DeepSpeed's universal checkpoint; the PatchGAN's spectral-norm vectors,
+    which that conversion does not carry (buffers), come back from the model states (measured without them: the GAN
+    terms 2e-3 off from the first resumed step)."""
+    reference, reference_rows = single[2]
+    source = several_ranks(2, 3)[0] if direction == "2 ranks -> 1" else reference
+    nproc, accumulation = (1, 2) if direction == "2 ranks -> 1" else (2, 1)
+    start_from_checkpoint_of(source, tmp_path, 2)
+    rows = train(tmp_path, data, nproc, 3, accumulation)
+    for engine in ("autoencoder", "discriminator"):
+        assert (tmp_path / f"checkpoints/universal/step_000002/{engine}/COMPLETE").is_file()
+    ours, theirs = losses(rows), steps_after(losses(reference_rows), 2)
+    assert sorted(ours) == sorted(theirs) == [3, 4]
+    for step in theirs:
+        assert ours[step] == pytest.approx(theirs[step], rel=1e-5), (step, ours, theirs)
+    assert any(r.get("loss/gan_generator", 0) != 0 for r in rows)  # the resumed steps used the discriminator
+    assert_same_export(tmp_path, reference)
 
 
 def test_two_node_agents_train_the_vae_like_one_rank(data, single, tmp_path):
@@ -103,10 +151,3 @@ def test_two_node_agents_train_the_vae_like_one_rank(data, single, tmp_path):
     for step in theirs:
         assert ours[step] == pytest.approx(theirs[step], rel=1e-5), (step, ours, theirs)
 
-
-def test_zero3_is_refused_with_the_key_named():
-    from infra.config import ConfigError, load_config
-    from vae.train_config import VAETrainConfig
-
-    with pytest.raises(ConfigError, match=r"deepspeed\.zero_stage: the VAE trains with ZeRO 0, 1 or 2, got 3"):
-        load_config(VAETrainConfig, ROOT / "configs/vae/tiny.yaml", ["deepspeed.zero_stage=3"])

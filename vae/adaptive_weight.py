@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from infra.zero3 import side_backward
+
 ADAPTIVE_WEIGHT_EPS = 1e-4
 
 
@@ -16,7 +18,8 @@ def _grad_norm(loss: torch.Tensor, layer_weight: torch.Tensor, loss_name: str, a
         raise ValueError(f"adaptive weight of the {aux_name} term: the {loss_name} loss has no autograd graph "
                          f"(computed under no_grad or on detached tensors), so its gradient w.r.t. the last layer "
                          f"cannot be measured")
-    (grad,) = torch.autograd.grad(loss, layer_weight, retain_graph=True, allow_unused=True)
+    with side_backward():  # under ZeRO-3 this pass must not use up the training backward's weight gathers
+        (grad,) = torch.autograd.grad(loss, layer_weight, retain_graph=True, allow_unused=True)
     if grad is None:
         raise ValueError(f"adaptive weight of the {aux_name} term: the {loss_name} loss does not depend on the "
                          f"given last-layer weight (shape {tuple(layer_weight.shape)}); pass the weight of the layer "

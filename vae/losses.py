@@ -14,7 +14,7 @@ they need gradients.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -239,17 +239,21 @@ class SSVAELoss(nn.Module):
 
     # ----------------------------------------------------------------------------------------- discriminator term
 
-    def discriminator_loss(self, inputs: torch.Tensor, reconstructions: torch.Tensor,
-                           step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def discriminator_loss(self, inputs: torch.Tensor, reconstructions: torch.Tensor, step: int,
+                           discriminator: Callable | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Hinge loss of the discriminator on real inputs vs detached reconstructions. Before ``disc_start`` it is a
-        zero that backpropagates to nothing; with ``disc_weight`` 0 (no discriminator) it raises ValueError."""
+        zero that backpropagates to nothing; with ``disc_weight`` 0 (no discriminator) it raises ValueError.
+        ``discriminator``: what runs the discriminator, by default the module itself; a trainer passes its training
+        engine, since DeepSpeed's ZeRO-3 counts gradient-accumulation micro-steps in the engine's forward (measured:
+        calling the module directly with 2 accumulation steps gave a wrong update)."""
         if self.discriminator is None:
             raise ValueError("discriminator_loss: loss.disc_weight is 0, so there is no discriminator to train")
         _check_pair(inputs, reconstructions)
         if not self.gan_active(step):
             return torch.zeros((), device=inputs.device, requires_grad=True), {"loss/disc": 0.0}
-        logits_real = self.discriminator(inputs.detach())
-        logits_fake = self.discriminator(reconstructions.detach())
+        discriminator = discriminator or self.discriminator
+        logits_real = discriminator(inputs.detach())
+        logits_fake = discriminator(reconstructions.detach())
         loss = hinge_discriminator_loss(logits_real, logits_fake)
         logs = {"loss/disc": float(loss.detach())}
         for branch, real, fake in zip(("image", "video"), logits_real, logits_fake):

@@ -26,6 +26,7 @@ from infra.metrics.image_quality import psnr as psnr_fn
 from infra.metrics.lpips import LPIPS
 from infra.trainer import EngineSpec, StepContext, TrainTask, run_training
 from infra.video_io import side_by_side, write_video
+from infra.zero3 import full_parameters, is_partitioned
 from vae.diffusers_vaes import DiffusersVAE
 from vae.losses import SSVAELoss
 from vae.model import SSVAE
@@ -49,17 +50,22 @@ class AutoencoderWithLoss(nn.Module):
         self.logvar = loss.logvar
         object.__setattr__(self, "loss", loss)
 
-    def forward(self, x: torch.Tensor, step: int, noise: torch.Generator | None = None,
-                masking: torch.Generator | None = None):
-        """(loss, logs) of a generator step. ``noise`` (on x's device) draws the posterior sample, ``masking`` (a CPU
-        generator) the LMR mask; None: the process's RNG."""
+    def forward(self, x: torch.Tensor, step: int | None, noise: torch.Generator | None = None,
+                masking: torch.Generator | None = None, sample: bool = True):
+        """(loss, logs) of a generator step; with ``step`` None, no loss: the decoded posterior (sampled, with LMR's
+        masking, or its mean), in fp32. ``noise`` (on x's device) draws the posterior sample, ``masking`` (a CPU
+        generator) the LMR mask; None: the process's RNG. Reconstruction is a forward too, so that ZeRO-3 gathers
+        the parameters it uses outside any submodule's forward (the mask token) for it."""
         # Autocast is entered here, inside the module: the DeepSpeed engine's forward switches off a CUDA autocast
         # opened around it (unless its own torch_autocast section is on).
         with weights_autocast(x, self.vae.decoder_last_layer):
             posterior = self.vae.posterior(x)
-            z, ratio = self.loss.apply_lmr(posterior.sample(noise), self.vae.mask_token, resolution=x.shape[3],
-                                           generator=masking)
+            z, ratio = posterior.sample(noise) if sample else posterior.mode(), None
+            if sample:
+                z, ratio = self.loss.apply_lmr(z, self.vae.mask_token, resolution=x.shape[3], generator=masking)
             recon = self.vae.decode_latent(z)
+            if step is None:
+                return recon.float()
             lcr_on = self.loss.config.lcr.enabled
             loss, logs = self.loss.generator_loss(
                 x, recon, posterior, step,
@@ -71,12 +77,7 @@ class AutoencoderWithLoss(nn.Module):
     def reconstruct(self, x: torch.Tensor, sample: bool = True, noise: torch.Generator | None = None,
                     masking: torch.Generator | None = None) -> torch.Tensor:
         """The decoded posterior (sampled, with LMR's masking, or its mean), in fp32; generators as in ``forward``."""
-        with weights_autocast(x, self.vae.decoder_last_layer):
-            posterior = self.vae.posterior(x)
-            z = posterior.sample(noise) if sample else posterior.mode()
-            if sample:
-                z, _ = self.loss.apply_lmr(z, self.vae.mask_token, resolution=x.shape[3], generator=masking)
-            return self.vae.decode_latent(z).float()
+        return self(x, None, noise, masking, sample=sample)
 
 
 def weights_autocast(x: torch.Tensor, weight: torch.Tensor):
@@ -135,12 +136,13 @@ class VAETask(TrainTask):
         noise = batch_generator(self.cfg.run.seed, batch["step"], ctx.device)
         masking = batch_generator(self.cfg.run.seed, batch["step"], "cpu", stream=1)
         if self.loss.gan_active(step) and self._power_iterated_at != step:
-            self.loss.discriminator.power_iteration()  # before the step's first use of the discriminator
+            with full_parameters(self.loss.discriminator):  # ZeRO-3: the weights are partitioned outside a forward
+                self.loss.discriminator.power_iteration()  # before the step's first use of the discriminator
             self._power_iterated_at = step
         if self.loss.is_discriminator_step(step):
             recon = ctx.engine("autoencoder").module.reconstruct(x, noise=noise, masking=masking)
             with weights_autocast(x, next(self.loss.discriminator.parameters())):
-                loss, disc_logs = self.loss.discriminator_loss(x, recon, step)
+                loss, disc_logs = self.loss.discriminator_loss(x, recon, step, ctx.engine("discriminator"))
             ctx.backward_and_step("discriminator", loss)
             return {**logs, **disc_logs}
         loss, gen_logs = ctx.engine("autoencoder")(x, step, noise, masking)
@@ -174,15 +176,19 @@ class VAETask(TrainTask):
 
     def on_train_end(self, ctx: StepContext) -> None:
         """Export the model as a save_pretrained folder, ready for encode/decode and the DiT: ``model`` holds the
-        EMA weights when an EMA is kept (what evaluation measured), ``model_raw`` the last trained weights."""
-        if not ctx.dist.is_main:
+        EMA weights when an EMA is kept (what evaluation measured), ``model_raw`` the last trained weights. Under
+        ZeRO-3 every rank enters the gathers of the partitions (the EMA's too); the first rank writes."""
+        module = ctx.engine("autoencoder").module
+        if not (ctx.dist.is_main or is_partitioned(module)):
             return
         out = Path(ctx.output_dir)
         ema = ctx.emas.get("autoencoder")
-        if ema is not None:
-            self.vae.save_pretrained(out / "model_raw")
-        with maybe_averaged(ema, ctx.engine("autoencoder").module):
-            self.vae.save_pretrained(out / "model")
+        with full_parameters(module):
+            if ema is not None and ctx.dist.is_main:
+                self.vae.save_pretrained(out / "model_raw")
+        with maybe_averaged(ema, module), full_parameters(module):
+            if ctx.dist.is_main:
+                self.vae.save_pretrained(out / "model")
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

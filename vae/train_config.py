@@ -104,13 +104,6 @@ class VAETrainConfig:
 
         check(bool(self.data.video_roots or self.data.image_roots), key("data.video_roots"),
               "name at least one shard folder in data.video_roots or data.image_roots")
-        # ZeRO-3 gathers a module's weights for its forward and backward and frees them after; the adaptive LCR and
-        # GAN weights differentiate through the decoder a second time, after its weights were freed (measured on 2
-        # ranks: "weight should have at least three dimensions" in the decoder's convs). A 315M VAE fits on every
-        # rank; ZeRO-2 still partitions its optimizer states and gradients.
-        check(self.deepspeed.zero_stage <= 2, key("deepspeed.zero_stage"),
-              f"the VAE trains with ZeRO 0, 1 or 2, got {self.deepspeed.zero_stage}: ZeRO-3 frees the decoder's "
-              "weights before the adaptive LCR/GAN weights differentiate through it again")
         # Clip shapes the model can encode: checked here, not when the first batch fails to.
         sc, tc = self.model.spatial_compression, self.model.temporal_compression
         shapes = [("data", self.data.num_frames, self.data.height, self.data.width)] + [
