@@ -70,6 +70,16 @@ def register_zero3_module(module: nn.Module) -> None:
     _ZERO3_MODULES.add(module)
 
 
+def side_passes_are_collective() -> bool:
+    """Whether autograd passes beside the training backward gather weights collectively (a ZeRO-3 engine on several
+    ranks). Every rank must then run the same such passes, in the same order: one rank skipping one that another runs
+    leaves the other waiting in an all-gather (measured: a 2-rank VAE hung at its second step when LCR's hinge was
+    inactive on one rank only and its adaptive weight was skipped there)."""
+    import torch.distributed as dist
+
+    return bool(_ZERO3_MODULES) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 @contextmanager
 def side_backward():
     """A context for autograd passes beside the training backward, e.g. ``torch.autograd.grad`` of a loss w.r.t. one

@@ -30,6 +30,8 @@ def _schema(path: Path):
     (VAE, ["data.height=50"], "data.height"),  # not a multiple of the model's compression: at start-up, not mid-run
     (VAE, ["data.buckets=[{frames: 8, height: 32, width: 32, batch_size: 1}]"], "data.buckets[0].frames"),
     (VAE, ["loss.lmr.mask_ratios=[0.0,1.5]"], "loss.lmr.mask_ratios"),
+    # 32 px crops and the PatchGAN's default 16x down-sampling: at start-up, not when the GAN starts (a user's run)
+    (VAE, ["loss.disc_weight=1.0"], "loss.discriminator.max_spatial_down"),
     (VAE, ["loss.lcr.thresh=2.0"], "loss.lcr.thresh"),
     (VAE, ["perceptual.net=squeeze"], "perceptual.net"),
     (VAE, ["optimizer.min_lr=1.0"], "optimizer.min_lr"),

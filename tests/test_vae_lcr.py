@@ -133,6 +133,26 @@ def test_lcr_term_is_zero_above_threshold():
     assert term.item() == 0.0 and factor.item() == 0.0
 
 
+@pytest.mark.parametrize("collective", [False, True])
+def test_an_inactive_hinge_runs_the_adaptive_pass_only_where_every_rank_must(collective, monkeypatch):
+    """Above the hinge the term is 0 and its factor reported as 0. On one process the factor's autograd pass is
+    skipped; under ZeRO-3 on several ranks it runs anyway, so that every rank gathers the same weights (a rank
+    skipping it left the other waiting in an all-gather: a 2-rank ZeRO-3 VAE hung at its second step)."""
+    import vae.lcr
+
+    calls = []
+    monkeypatch.setattr(vae.lcr, "side_passes_are_collective", lambda: collective)
+    real = vae.lcr.adaptive_weight
+    monkeypatch.setattr(vae.lcr, "adaptive_weight", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model, z, nll = tiny_graph()
+    avg = local_correlation(z)["avg_corr"]
+    term, factor = lcr_loss(avg, nll, model.enc.weight, LCRConfig(thresh=-1.0))
+    assert term.item() == 0.0 and factor.item() == 0.0
+    assert len(calls) == (1 if collective else 0)
+    term.backward()
+    assert model.enc.weight.grad is None or model.enc.weight.grad.abs().sum() == 0
+
+
 def test_lcr_term_errors_when_layer_not_in_graph():
     model, z, nll = tiny_graph()
     avg = local_correlation(z)["avg_corr"]

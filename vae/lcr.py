@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from infra.zero3 import side_passes_are_collective
 from vae.adaptive_weight import adaptive_weight
 
 # The released loss multiplies the configured LCR weight by this fixed factor (0.1 * 0.02 in the released recipe).
@@ -134,10 +135,15 @@ def lcr_loss(avg_corr: torch.Tensor, nll: torch.Tensor, encoder_last_layer: torc
 
     term = 0.1 * weight * factor * relu(thresh - avg_corr), factor = ||grad nll|| / (||grad penalty|| + 1e-4) w.r.t.
     the encoder's last conv weight, clamped to [0, max_adaptive_weight]. When the penalty is already zero the
-    factor is not computed (it would divide by a zero gradient) and is reported as 0.
+    factor is reported as 0, and not computed (it would divide by a zero gradient) unless every rank must run the
+    same autograd passes (ZeRO-3 on several ranks, ``infra.zero3.side_passes_are_collective``): the term is then
+    0 times a clamped factor, still 0 with a zero gradient.
     """
     penalty = lcr_penalty(avg_corr, config.thresh)
-    if not bool(penalty.detach() > 0):
+    active = bool(penalty.detach() > 0)
+    if not active and not side_passes_are_collective():
         return penalty * 0.0, torch.zeros((), device=penalty.device)
     factor = adaptive_weight(nll, penalty, encoder_last_layer, config.max_adaptive_weight, aux_name="LCR")
+    if not active:
+        factor = torch.zeros_like(factor)
     return weighted_lcr(penalty, factor, config), factor

@@ -108,10 +108,16 @@ class VAETrainConfig:
         sc, tc = self.model.spatial_compression, self.model.temporal_compression
         shapes = [("data", self.data.num_frames, self.data.height, self.data.width)] + [
             (f"data.buckets[{i}]", b.frames, b.height, b.width) for i, b in enumerate(self.data.buckets)]
+        # The PatchGAN's two 4x4 convs after max_spatial_down need frames of 3x that (else it fails at disc_start).
+        disc_min = 3 * self.loss.discriminator.max_spatial_down if self.loss.disc_weight > 0 else 0
         for where, frames, height, width in shapes:
             for name, value in (("height", height), ("width", width)):
                 check(value % sc == 0, key(f"{where}.{name}"),
                       f"must be a multiple of the model's spatial compression ({sc}), got {value}")
+                check(value >= disc_min, key("loss.discriminator.max_spatial_down"),
+                      f"the discriminator needs frames of at least 3 x {disc_min // 3} = {disc_min} px, and "
+                      f"{where}.{name} is {value}: lower it to {1 << max(0, (value // 3).bit_length() - 1)} or "
+                      f"less, or train on larger frames")
             check((frames - 1) % tc == 0, key(f"{where}.num_frames" if where == "data" else f"{where}.frames"),
                   f"must be 1 + {tc}k for the model's temporal compression, got {frames}")
         check(self.data.resize % sc == 0, key("data.resize"),
