@@ -82,29 +82,18 @@ def build_engine(module: nn.Module, ds: DeepSpeedConfig, opt: OptimizerConfig, w
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{type(module).__name__} has no trainable parameters to give an optimizer")
-    if ds.zero_stage == 3:
-        from infra.zero3 import gather_loose_parameters
-
-        loose = gather_loose_parameters(module)
-        if loose:
-            log.info("%s: ZeRO-3 keeps %s whole for its whole forward (parameters of containers)",
-                     type(module).__name__, ", ".join(loose))
     from pydantic import ValidationError
 
-    from infra.zero3 import gathered_before_own_hooks
+    from infra.zero3 import zero3_ready
 
     try:
-        with gathered_before_own_hooks(module) if ds.zero_stage == 3 else nullcontext():
+        with zero3_ready(module) if ds.zero_stage == 3 else nullcontext():
             engine, _, _, _ = deepspeed.initialize(
                 model=module, model_parameters=params, mpu=mpu, config=deepspeed_config(ds, opt, world_size, kernel))
     except ValidationError as err:  # DeepSpeed checks its JSON with pydantic; say which of our keys fed it
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
         raise ConfigError(f"deepspeed.extra: DeepSpeed refused the configuration built from the deepspeed section "
                           f"({problems})") from None
-    if ds.zero_stage == 3:
-        from infra.zero3 import register_zero3_module
-
-        register_zero3_module(module)
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
     log.info("%s: optimizer %s (deepspeed.fused_optimizer=%s: fused=%s, foreach=%s)", type(module).__name__,
              type(inner).__name__, ds.fused_optimizer, getattr(inner, "defaults", {}).get("fused"),

@@ -1,11 +1,20 @@
-"""ZeRO-3 helpers: whole parameters of a module for the few places that need them outside its forward (export), and
-autograd passes beside the training backward (adaptive loss weights)."""
+"""ZeRO-3 helpers: a module made ready for ZeRO-3 (``zero3_ready``, applied by ``infra.engine``), whole parameters
+for the few places that need them outside a forward (export, spectral norm's power iteration), and autograd passes
+beside the training backward (the VAE's adaptive loss weights).
+
+Model code stays unaware of ZeRO-3; what it must not do is call a ZeRO-3 module that trains outside its engine
+(DeepSpeed counts gradient-accumulation micro-steps in the engine's forward) or run data-dependent side passes
+(``side_passes_are_collective``).
+"""
 from __future__ import annotations
 
+import logging
 import weakref
 from contextlib import contextmanager, nullcontext
 
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 def is_partitioned(module: nn.Module) -> bool:
@@ -56,18 +65,28 @@ def gather_loose_parameters(module: nn.Module) -> list[str]:
     return [name for name, _ in loose]
 
 
+@contextmanager
+def zero3_ready(module: nn.Module):
+    """Around ``deepspeed.initialize`` of ``module`` with ZeRO-3: parameters of containers stay whole for the whole
+    forward (``gather_loose_parameters``), the model's own forward pre-hooks run after DeepSpeed's gather
+    (``gathered_before_own_hooks``), and side passes restore DeepSpeed's counters (``side_backward``)."""
+    loose = gather_loose_parameters(module)
+    if loose:
+        log.info("%s: ZeRO-3 keeps %s whole for its whole forward (parameters of containers)",
+                 type(module).__name__, ", ".join(loose))
+    with gathered_before_own_hooks(module):
+        yield
+    _ZERO3_MODULES.add(module)
+
+
 # DeepSpeed's per-module backward bookkeeping (deepspeed.runtime.zero.parameter_offload): a module's forward arms
 # ``applied_pre_backward_ref_cnt`` (one weight gather before its backward, per forward) and ``ds_grads_remaining``
 # (release its weights once every input's gradient has passed).
 _BACKWARD_COUNTERS = ("applied_pre_backward_ref_cnt", "ds_grads_remaining")
 
 
-# Modules whose engines run ZeRO-3 in this process (infra.engine registers them): what ``side_backward`` restores.
+# Modules whose engines run ZeRO-3 in this process (``zero3_ready``): what ``side_backward`` restores.
 _ZERO3_MODULES: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-
-
-def register_zero3_module(module: nn.Module) -> None:
-    _ZERO3_MODULES.add(module)
 
 
 def side_passes_are_collective() -> bool:
