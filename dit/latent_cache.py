@@ -44,6 +44,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
+from infra.data.config import weighted_roots
 from infra.data.dataset import ClipRequest, load_or_skip
 from infra.data.sampling import BucketStream, rank_batches
 from infra.data.shard_index import ShardReader, find_shards, index_shards
@@ -234,6 +235,10 @@ def cache_latents(cfg, out: str | Path, batch_size: int = 4, dtype: str = "float
                   device: torch.device | str | None = None, show_progress: bool = True) -> Path:
     """Write (or finish writing) the latent cache of ``cfg``'s video data into ``out``; returns ``out``."""
     torch_dtype(dtype, "dtype", CACHE_DTYPES)
+    weighted = [f"{root}*{w}" for root, w in weighted_roots(cfg.data.video_roots) if w > 1]
+    if weighted:  # the cache's loader draws each cached sample once per epoch: a weight would silently not apply
+        raise ValueError(f"data.video_roots: the latent cache does not apply root weights ({', '.join(weighted)}); "
+                         f"drop the weights, or train on the fly")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out = Path(out)

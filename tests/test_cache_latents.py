@@ -181,3 +181,17 @@ def test_keyed_caches_are_reused_and_posterior_sampling_resumes_exactly(t2v_conf
         next(vae.parameters()).add_(1e-3)
     vae.save_pretrained(moved)
     assert cache_key(_load(t2v_config, f"first_stage.path={moved}")) != keyed.name
+
+
+def test_a_weighted_root_is_refused_by_the_cache_naming_the_key(tmp_path):
+    """The cache's loader draws each cached clip once per epoch, so a root weight (``path*N``) would silently not
+    apply: refused before any work."""
+    from types import SimpleNamespace
+
+    from dit.latent_cache import cache_latents
+
+    cfg = SimpleNamespace(data=SimpleNamespace(video_roots="data/default, data/real_train*20"))
+    with pytest.raises(ValueError, match=r"^data\.video_roots: the latent cache does not apply root weights "
+                                         r"\(data/real_train\*20\)"):
+        cache_latents(cfg, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()

@@ -220,3 +220,25 @@ def test_images_need_no_meta_file_and_are_bucketed_by_their_header(tmp_path):
     for batch in _take(build_loader(cfg), 2):
         assert set(batch_keys(batch)) == (wide if batch["video"].shape[-1] == 32 else {f"i{i:04d}" for i in (1, 3, 5)})
         assert batch["meta"][0]["source_size"] in ([64, 48], [32, 64])
+
+
+def test_a_weighted_root_is_drawn_that_many_times_as_often(videos, tmp_path):
+    """``root*N`` lists a root's samples N times: over whole epochs each of its samples is drawn N times as often
+    as a sample of an unweighted root (a few real clips beside a large generated set)."""
+    from infra.data.config import split_roots, weighted_roots
+
+    assert weighted_roots(" a, b*3,, /x/c.tar*12 , d*e") == [("a", 1), ("b", 3), ("/x/c.tar", 12), ("d*e", 1)]
+    assert split_roots("a, b*3") == ["a", "b"]
+    few = write_video_shards(tmp_path / "few", num_samples=2, per_shard=2)
+    cfg = DataConfig(video_roots=f"{videos},{few}*3", image_prob=0.0, video_batch_size=1, **SMALL)
+    # One epoch: 8 samples once + 2 samples three times = 14 batches of 1.
+    drawn = Counter((m["shard"].startswith(str(few)), m["key"])
+                    for batch in _take(build_loader(cfg, seed=5), 14) for m in batch["meta"])
+    assert {count for (weighted, _), count in drawn.items() if not weighted} == {1} and len(drawn) == 10
+    assert {count for (weighted, _), count in drawn.items() if weighted} == {3}
+
+
+@pytest.mark.parametrize("roots", ["a*0", "*2"])
+def test_a_root_weight_below_one_is_refused_naming_the_key(roots):
+    with pytest.raises(ValueError, match=r"^data\.video_roots: a root is 'path' or 'path\*N' with N >= 1"):
+        DataConfig(video_roots=roots, image_prob=0.0).validate("data")

@@ -38,7 +38,8 @@ class DataConfig:
 
     ``video_roots`` and ``image_roots`` are comma-separated lists of shard folders or single ``.tar`` files; video
     samples (``.mp4``) are taken from the first, image samples (``.jpg``/``.png``) from the second, so one folder holding
-    both kinds may be named in both.
+    both kinds may be named in both. A root written ``path*N`` is sampled N times as often per sample
+    (``weighted_roots``; the shard loader only: the latent cache refuses weights).
 
     Without ``buckets`` every video batch is ``video_batch_size`` x 3 x ``num_frames`` x ``height`` x ``width`` and every
     image batch ``image_batch_size`` x 3 x 1 x ``height`` x ``width``. ``buckets`` replaces these shapes: video samples
@@ -90,6 +91,10 @@ class DataConfig:
               "must name at least one root when image_prob > 0")
         check(self.image_prob == 1 or bool(split_roots(self.video_roots)), key("video_roots"),
               "must name at least one root when image_prob < 1")
+        for name in ("video_roots", "image_roots"):
+            for root, weight in weighted_roots(getattr(self, name)):
+                check(weight >= 1 and bool(root), key(name), f"a root is 'path' or 'path*N' with N >= 1, got "
+                                                               f"{root!r} with weight {weight}")
         for i, bucket in enumerate(self.buckets):
             bucket.validate(key(f"buckets[{i}]"))
         shapes = [(b.frames, b.height, b.width) for b in self.buckets]
@@ -106,5 +111,19 @@ class DataConfig:
 
 
 def split_roots(roots: str) -> list[str]:
-    """``"a, b,,c"`` -> ``["a", "b", "c"]``."""
-    return [r.strip() for r in roots.split(",") if r.strip()]
+    """``"a, b*3,,c"`` -> ``["a", "b", "c"]``: the roots without their weights."""
+    return [root for root, _ in weighted_roots(roots)]
+
+
+def weighted_roots(roots: str) -> list[tuple[str, int]]:
+    """``"a, b*3"`` -> ``[("a", 1), ("b", 3)]``. A root written ``path*N`` lists its samples N times, so each of them
+    is drawn N times as often as a sample of an unweighted root: e.g. a few real clips beside a large generated set.
+    Only digits after the last ``*`` make a weight; ``DataConfig.validate`` refuses a weight of 0."""
+    out = []
+    for entry in (r.strip() for r in roots.split(",")):
+        path, star, weight = entry.rpartition("*")
+        if star and weight.strip().isdigit():
+            out.append((path.strip(), int(weight)))
+        elif entry:
+            out.append((entry, 1))
+    return out

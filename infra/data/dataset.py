@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .buckets import assign_buckets, frame_offsets, frame_span, start_frame
-from .config import BucketConfig, DataConfig, split_roots
+from .config import BucketConfig, DataConfig, weighted_roots
 from .decode import NoVideoStream, TruncatedVideo, decode_image, image_size, open_video
 from .sampling import BatchSchedule, BucketStream, sample_rng
 from .shard_index import SampleRecord, ShardReader, find_shards, index_shards
@@ -252,12 +252,13 @@ class ShardBatchDataset(IterableDataset):
 
 
 def _index_roots(roots: str, kind: str, skips: SkipCounter) -> tuple[list[SampleRecord], list[tuple[str, int, int]]]:
-    """The records of every root, and each root's (root, first, end) range of them."""
+    """The records of every root (a root weighted ``path*N`` lists its records N times), and each root's
+    (root, first, end) range of them."""
     records, spans = [], []
-    for root in split_roots(roots):
+    for root, weight in weighted_roots(roots):
         found = index_shards(root, kind, skips)
-        spans.append((root, len(records), len(records) + len(found)))
-        records += found
+        spans.append((root, len(records), len(records) + len(found) * weight))
+        records += found * weight
     return records, spans
 
 
