@@ -11,9 +11,9 @@ verified; a ``COMPLETE`` marker makes an interrupted conversion start again), an
 conversion reads DeepSpeed's files weights-only (``weights_only_torch_load``), like everything else here.
 
 The conversion restores parameters and optimizer states; the module's buffers (spectral norm's vectors) are copied
-from the checkpoint's model states after it (``restore_buffers``). What stays world-size free without help: the trainer's state (step, global data position), the EMA
-(``tensors.safetensors``), and the data order and random draws, which follow the global batch index
-(``infra.data.sampling``, ``infra.batch_generator``).
+from the checkpoint's model states after it (``restore_buffers``). What stays world-size free without help: the
+trainer's state (step, global data position), the EMA (``tensors.safetensors``), and the data order and random
+draws, which follow the global batch index (``infra.data.sampling``, ``infra.batch_generator``).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
-from infra.weights_only import weights_only_torch_load
+from infra.weights_only import deepspeed_safe_globals, weights_only_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -115,17 +115,19 @@ def restore_buffers(module, folder: Path) -> list[str]:
     another number of ranks drifted by 2e-3 in its GAN terms from the first step on), running statistics."""
     import torch
 
+    buffers = dict(module.named_buffers())
+    if not buffers:  # nothing to restore: the (possibly large) model states are not read
+        return []
     files = sorted(folder.glob("*model_states.pt"))
     if not files:
         raise FileNotFoundError(f"{folder}: no model states file (*model_states.pt) to restore the buffers from")
-    with weights_only_torch_load():
-        saved = torch.load(files[0], map_location="cpu")["module"]
-    restored = []
+    # Weights-only (plain-data DeepSpeed classes admitted); memory-mapped, so only the buffers are read from disk.
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        saved = torch.load(files[0], map_location="cpu", weights_only=True, mmap=True)["module"]
+    restored = [name for name in buffers if name in saved]
     with torch.no_grad():
-        for name, buffer in module.named_buffers():
-            if name in saved:
-                buffer.copy_(saved[name])
-                restored.append(name)
+        for name in restored:
+            buffers[name].copy_(saved[name])
     return restored
 
 

@@ -60,9 +60,11 @@ class AutoencoderWithLoss(nn.Module):
         # opened around it (unless its own torch_autocast section is on).
         with weights_autocast(x, self.vae.decoder_last_layer):
             posterior = self.vae.posterior(x)
-            z, ratio = posterior.sample(noise) if sample else posterior.mode(), None
             if sample:
-                z, ratio = self.loss.apply_lmr(z, self.vae.mask_token, resolution=x.shape[3], generator=masking)
+                z, ratio = self.loss.apply_lmr(posterior.sample(noise), self.vae.mask_token, resolution=x.shape[3],
+                                               generator=masking)
+            else:
+                z, ratio = posterior.mode(), None
             recon = self.vae.decode_latent(z)
             if step is None:
                 return recon.float()
