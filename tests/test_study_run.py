@@ -52,6 +52,13 @@ def test_every_variant_and_control_is_trained_scored_and_reported(toy_study):
                    "![samples checker](samples_checker.png)", "reconstructions checker"):
         assert needle in text
     assert (out / "report" / "samples_lcr_lmr.png").stat().st_size > 5000
+    # The manipulation check of every first stage, paired against the baseline on the same 3 prompt clips.
+    assert "## Manipulation check" in text and "LCR raises local correlation" in text
+    check = json.loads(Path(report["files"]["json"]).read_text())["manipulation_check"]
+    assert check["clips"] == 3 and set(check["vaes"]) == {"baseline", "lcr_lmr", "checker"}
+    assert "difference" in check["vaes"]["checker"]["lcr"] and "difference" not in check["vaes"]["baseline"]["lcr"]
+    claims = {(c["vae"], c["claim"]) for c in check["expectations"]}
+    assert ("lcr_lmr", "LMR raises the top-4 share") in claims and not any(v == "checker" for v, _ in claims)
     # The control's VAE is its source's, seen through the transform: no VAE of its own, the same reconstructions.
     assert not (out / "variants" / "checker" / "vae").exists()
     measures = report["measures"]

@@ -71,6 +71,16 @@ class ClipMoments:
     def __len__(self) -> int:
         return len(self.lcr)
 
+    def save(self, path) -> None:
+        np.savez(path, power=self.power, scatter=self.scatter, sums=self.sums, counts=self.counts, lcr=self.lcr,
+                 cutoff=self.cutoff, top_k=self.top_k)
+
+    @classmethod
+    def load(cls, path) -> "ClipMoments":
+        with np.load(path) as f:
+            return cls(power=f["power"], scatter=f["scatter"], sums=f["sums"], counts=f["counts"], lcr=f["lcr"],
+                       cutoff=float(f["cutoff"]), top_k=int(f["top_k"]))
+
     def numbers(self, index: Optional[np.ndarray] = None) -> dict[str, float]:
         """The set-level numbers of the clips ``index`` (all clips when None; repeats count as often as listed)."""
         index = np.arange(len(self)) if index is None else np.asarray(index)
@@ -181,3 +191,63 @@ def markdown(check: dict, checks: list[dict] | None = None) -> str:
         lines += ["", "| expectation | VAE | result |", "| --- | --- | --- |"]
         lines += [f"| {c['claim']} | {c['vae']} | {'yes' if c['passed'] else '**no**'} |" for c in checks]
     return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """CLI: encode the same held-out clips with several VAEs and write manipulation_check.{json,md}."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from tools.spectral import _split, encode_clips
+
+    parser = argparse.ArgumentParser(description="Manipulation check of VAE latents: LCR statistic, low-frequency "
+                                                 "ratios, effective rank and top-k share with 95 % intervals.")
+    parser.add_argument("--vae", action="append", required=True, metavar="NAME=KIND:PATH",
+                        help="a first stage (kind: ssvae, wan, cogvideox); repeatable; all encode the same clips")
+    parser.add_argument("--baseline", required=True, help="the --vae NAME the others are compared with")
+    parser.add_argument("--lcr", default="", help="comma-separated NAMEs trained with LCR")
+    parser.add_argument("--lmr", default="", help="comma-separated NAMEs trained with LMR")
+    parser.add_argument("--hinge", type=float, default=0.75, help="LCR's threshold (loss.lcr.thresh)")
+    parser.add_argument("--data", required=True, help="held-out video shard folder(s), comma-separated")
+    parser.add_argument("--num-clips", type=int, default=32)
+    parser.add_argument("--frames", type=int, default=9)
+    parser.add_argument("--fps", type=float, default=8.0)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--cutoff", type=float, default=0.25)
+    parser.add_argument("--top-k", type=int, default=4)
+    parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--out", required=True, help="folder for manipulation_check.json and .md")
+    args = parser.parse_args(argv)
+    # Imported here: the statistics above must not need the VAE stack.
+    from infra.data.eval_clips import load_eval_clips
+    from vae.first_stage import FirstStageConfig, load_first_stage
+
+    clips = load_eval_clips(args.data, args.num_clips, args.frames, args.fps, args.size, args.size)["video"]
+    moments, regularizers = {}, {}
+    named = {"lcr": set(filter(None, args.lcr.split(","))), "lmr": set(filter(None, args.lmr.split(",")))}
+    for spec in args.vae:
+        name, target = _split(spec, "--vae")
+        kind, sep, path = target.partition(":")
+        if not sep:
+            raise ValueError(f"--vae expects name=kind:path, got {spec!r}")
+        stage = load_first_stage(FirstStageConfig(kind=kind, path=path))
+        moments[name] = ClipMoments.of(encode_clips(stage, clips, args.batch_size), args.cutoff, args.top_k)
+        regularizers[name] = {k: name in v for k, v in named.items()}
+    unknown = (named["lcr"] | named["lmr"]) - set(moments)
+    if unknown:
+        raise ValueError(f"--lcr/--lmr name VAEs that no --vae gives: {sorted(unknown)}")
+    check = manipulation_check(moments, args.baseline, args.resamples)
+    checks = expectations(check, regularizers, args.hinge)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manipulation_check.json").write_text(json.dumps({**check, "expectations": checks}, indent=1) + "\n")
+    table = markdown(check, checks)
+    (out / "manipulation_check.md").write_text(table)
+    print(table)
+    return check
+
+
+if __name__ == "__main__":
+    main()

@@ -327,6 +327,7 @@ class Study:
             analysis = analyze_latents(self._encode(stage, clips), SpectralConfig(cutoff=m.cutoff))
             out.mkdir(parents=True, exist_ok=True)
             (out / "spectral.json").write_text(json.dumps(analysis, indent=1) + "\n")
+            self._clip_moments(variant, stage).save(out / "moments.npz")
             # Reconstruction table: every real clip (held out or not), else the held-out prompt set.
             sources = [self.data / s for s in ("real_heldout", "real_train") if (self.data / s).is_dir()]
             spec = ClipSpec(num_frames=m.frames, fps=self.cfg.data.default.fps, height=m.size, width=m.size,
@@ -342,6 +343,7 @@ class Study:
             (out / "reconstruction.md").write_text(reconstruction_markdown(variant.name, rec))
             prompts = self._prompt_reconstructions(stage, out / "reconstructions.png")
             return {"spectral_file": str(out / "spectral.json"), "spectral": _spectral_summary(analysis),
+                    "moments_file": str(out / "moments.npz"),
                     "reconstruction_reward": prompts.pop("reward"), "default_data": prompts,
                     "reconstruction_file": str(out / "reconstruction.json"),
                     "reconstruction_mean": rec["mean"], "reconstruction": [
@@ -349,6 +351,35 @@ class Study:
 
         return self.runner.run(f"{variant.name}/measure", {"first_stage": first_stage.hash,
                                                            "measure": dataclasses.asdict(m)}, measure, clean=[out])
+
+    def _clip_moments(self, variant: VariantConfig, stage):
+        """Per-clip sufficient statistics of the manipulation check, on the held-out clips every variant encodes."""
+        from infra.data.eval_clips import load_eval_clips
+        from tools.manipulation_check import ClipMoments
+
+        m = self.cfg.measure
+        roots = ",".join(str(p) for p in self._heldout_roots())
+        clips = load_eval_clips(roots, m.check_clips, m.frames, self.cfg.data.default.fps, m.size, m.size)["video"]
+        owner = self.vae_configs.get(variant.control.source if variant.is_control else variant.name)
+        window = owner.loss.lcr.window if owner is not None else (2, 2, 2)
+        return ClipMoments.of(self._encode(stage, clips), m.cutoff, m.top_k, window)
+
+    def manipulation_section(self, measures: dict) -> tuple[list[str], dict | None]:
+        """What the regularizers put into the latents, before any DiT: the manipulation check of every first stage
+        against the baseline's, with the paper's expectations (LCR raises local correlation and the low-frequency
+        ratio, LMR the top-k share, and the baseline sits below LCR's hinge so that LCR acts)."""
+        from tools.manipulation_check import ClipMoments, expectations, manipulation_check, markdown
+        from vae.lcr import LCRConfig
+
+        base, files = self.cfg.baseline, {v: m.get("moments_file") for v, m in measures.items()}
+        if base not in files or not all(files.values()):
+            return [], None  # stages measured before the check existed
+        check = manipulation_check({v: ClipMoments.load(f) for v, f in files.items()}, base, self.cfg.reward.resamples)
+        regularizers = {v: {"lcr": c.loss.lcr.enabled, "lmr": c.loss.lmr.enabled} for v, c in self.vae_configs.items()}
+        hinge = (self.vae_configs[base].loss.lcr.thresh if base in self.vae_configs else LCRConfig().thresh)
+        checks = expectations(check, regularizers, hinge)
+        return ["## Manipulation check (the latents, before any DiT)", "", markdown(check, checks)], \
+            {**check, "expectations": checks}
 
     def _prompt_reconstructions(self, stage, grid: Path | None = None) -> dict:
         """The first stage on the prompt clips (default data of a seed never trained on): PSNR beside the pooling
@@ -634,6 +665,7 @@ class Study:
         spectra = plot_spectra(analyses, report_dir)
         captions, _ = self.prompts()
         stats_lines, stats = statistics_section(tables or {}, measures, summary, cfg.baseline, cfg.reward.resamples)
+        check_lines, check = self.manipulation_section(measures)
         pictures = ["## Pictures", "",
                     "Original | reconstruction frames (first, middle, last) of prompt clips and held-out real clips, and "
                     f"samples of the first {min(8, len(captions))} prompts at the first and the last evaluation "
@@ -647,7 +679,7 @@ class Study:
             if samples:
                 pictures.append(f"![samples {variant.name}]({samples.name})")
             pictures.append("")
-        extra = [*stats_lines, *pictures,
+        extra = [*check_lines, *stats_lines, *pictures,
                  "## Spectra of the frozen first stages", "",
                  *[f"![{p.stem}]({p.name})" for p in spectra], "",
                  "## Setup", "",
@@ -660,9 +692,9 @@ class Study:
                  f"- stage markers: `{self.runner.root}`; per-variant outputs: `{self.out / 'variants'}`", "",
                  *sections]
         files = write_report(report_dir, "Convergence study", summary, curves, measures, walls, extra)
-        if stats is not None:
+        if stats is not None or check is not None:
             data = json.loads(files["json"].read_text())
-            data["statistics"] = stats
+            data.update({k: v for k, v in (("statistics", stats), ("manipulation_check", check)) if v is not None})
             files["json"].write_text(json.dumps(data, indent=1, default=str) + "\n")
         return {"summary": summary, "statistics": stats, "files": {k: str(v) for k, v in files.items()},
                 "spectral_plots": [str(p) for p in spectra], "measures": measures, "walls": walls}

@@ -200,9 +200,16 @@ class MeasureConfig:
     # DiT training latents the no-training predictors (spectral numbers, velocity irreducible variance) are
     # measured on, from the latent cache.
     predictor_clips: int = 512
+    # Held-out clips (real footage, then the prompt set) of the manipulation check (tools.manipulation_check): its
+    # 95 % intervals are over these clips; top_k: the eigenspectrum share it reports (LMR should raise it).
+    check_clips: int = 32
+    top_k: int = 4
 
     def validate(self, prefix: str = "measure") -> None:
         check(self.stats_clips >= 1 and self.num_clips >= 1, f"{prefix}.stats_clips/num_clips", "must be >= 1")
+        check(self.check_clips >= 2, f"{prefix}.check_clips", f"must be >= 2 (an interval over clips), got "
+              f"{self.check_clips}")
+        check(self.top_k >= 1, f"{prefix}.top_k", f"must be >= 1, got {self.top_k}")
         check(self.predictor_clips >= 16, f"{prefix}.predictor_clips", f"must be >= 16, got {self.predictor_clips}")
         check((self.frames - 1) % 4 == 0, f"{prefix}.frames", f"must be 1 + 4k, got {self.frames}")
         check(self.size >= 16 and self.size % 16 == 0, f"{prefix}.size", f"must be a multiple of 16, got {self.size}")
