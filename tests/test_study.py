@@ -379,6 +379,21 @@ def test_prompt_reconstructions_bound_what_samples_can_score(tmp_path, monkeypat
     assert "**b: the VAE's own reconstructions score under half" in text
 
 
+def test_reconstruction_targets_compare_with_the_pool_and_the_originals():
+    from tools.study_report import reconstruction_targets
+
+    def measure(default, real, reward):
+        return {"default_data": {"psnr": default, "pooling_psnr": {"16x": 22.5},
+                                 "real_footage": {"psnr": real, "pooling_psnr": {"16x": 16.5}}},
+                "reconstruction_reward": {"mean": reward, "original": 0.95}}
+
+    lines = reconstruction_targets({"good": measure(24.5, 16.5, 0.9), "bad": measure(24.0, 16.4, 0.8), "none": {}})
+    rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ") and "variant" not in line}
+    assert rows["good"].count("yes") == 3 and "**no**" not in rows["good"]  # targets met exactly count as met
+    assert rows["bad"].count("**no**") == 3 and "(+1.50)" in rows["bad"] and "(-0.10)" in rows["bad"]
+    assert rows["none"] == "| none | - | - | - |"
+
+
 @pytest.mark.parametrize("launcher, match", [
     ("launcher: {parallel_runs: 0}\n", "launcher.parallel_runs"),
     ("launcher: {omp_threads: 2, parallel_runs: 3}\n", "launcher.parallel_runs"),

@@ -411,14 +411,22 @@ class Study:
                              "original": scored["original"]["mean"]["total"],
                              "attributes": scored["reconstructed"]["mean"],
                              "chance": scored["original"]["chance"]["total"], "clips": len(truths)}
+        real = None
+        if self._has_real_heldout():
+            # The same comparison on held-out real footage: a VAE must beat the pool there too, not only on shapes.
+            real = load_eval_clips(str(self.data / "real_heldout"), len(self.cfg.data.heldout_clips), m.frames,
+                                   fps, m.size, m.size)
+            real["recon"] = self._round_trip(stage, real["video"])
+            out["real_footage"] = {"clips": len(real["video"]),
+                                   "psnr": float(psnr(real["recon"], real["video"]).mean()),
+                                   "pooling_psnr": {f"{k}x": float(psnr(_block_means(real["video"], k),
+                                                                         real["video"]).mean())
+                                                    for k in sorted({stage.spatial_compression, 16})}}
         if grid is not None:
             rows = [(caption, clips[i], recon[i]) for i, caption in enumerate(batch["caption"][:4])]
-            if self._has_real_heldout():
-                real = load_eval_clips(str(self.data / "real_heldout"), len(self.cfg.data.heldout_clips), m.frames,
-                                       fps, m.size, m.size)
-                real_recon = self._round_trip(stage, real["video"])
+            if real is not None:
                 rows += [(f"{meta['key']} (real, held out)", x, y)
-                         for meta, x, y in zip(real["meta"], real["video"], real_recon)]
+                         for meta, x, y in zip(real["meta"], real["video"], real["recon"])]
             out["grid"] = str(reconstruction_grid(rows, grid))
         return out
 

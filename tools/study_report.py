@@ -224,6 +224,7 @@ def markdown_tables(summary: dict, measures: dict[str, dict], walls: dict[str, d
                   "on). Each frame replaced by its block means gives " + ", ".join(
                       f"{v:.2f} dB at {k}" for k, v in pooling["pooling_psnr"].items())
                   + " (the pooling baselines: what a latent that only averages carries)."]
+    lines += reconstruction_targets(measures)
     if ceilings:
         original = ceilings[0][1]["original"]
         lines += ["", f"rec. reward: the caption reward of each VAE's reconstructions of the {ceilings[0][1]['clips']} "
@@ -234,6 +235,43 @@ def markdown_tables(summary: dict, measures: dict[str, dict], walls: dict[str, d
             lines.append(f"**{', '.join(weak)}: the VAE's own reconstructions score under half of the originals; "
                          "a reward that stays low says more about the VAE budget than about diffusability.**")
     return "\n".join(lines) + "\n"
+
+
+# What a first stage must reconstruct before its DiT is worth comparing (#21): the margin over a 16x16 average pool
+# (a latent that only averages at the paper's spatial compression) on default and real clips, and the share of the
+# originals' caption reward its reconstructions keep.
+TARGET_MARGIN_DB = {"default": 2.0, "real": 0.0}
+TARGET_REWARD_FRACTION = 0.9
+
+
+def reconstruction_targets(measures: dict[str, dict]) -> list[str]:
+    """Per first stage: PSNR beside the 16x16 pool on held-out default clips and held-out real footage, and the
+    reward its reconstructions keep, each against the target."""
+    rows = []
+    for variant, m in measures.items():
+        default, real = m.get("default_data") or {}, (m.get("default_data") or {}).get("real_footage") or {}
+        reward = m.get("reconstruction_reward") or {}
+        cells = []
+        for name, part in (("default", default), ("real", real)):
+            pool = (part.get("pooling_psnr") or {}).get("16x")
+            if part.get("psnr") is None or pool is None:
+                cells.append("-")
+                continue
+            margin = part["psnr"] - pool
+            ok = margin >= TARGET_MARGIN_DB[name]
+            cells.append(f"{part['psnr']:.2f} vs {pool:.2f} ({margin:+.2f}) {'yes' if ok else '**no**'}")
+        if reward.get("original"):
+            ratio = reward["mean"] / reward["original"]
+            cells.append(f"{ratio:.2f}x {'yes' if ratio >= TARGET_REWARD_FRACTION else '**no**'}")
+        else:
+            cells.append("-")
+        rows.append(f"| {variant} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["", "Reconstruction targets (PSNR in dB against the 16x16 average pool of the same clips; the reward "
+            "of the reconstructions against the originals'):", "",
+            f"| variant | default clips (>= pool + {TARGET_MARGIN_DB['default']:g} dB) | held-out real footage "
+            f"(>= pool) | rec. reward (>= {TARGET_REWARD_FRACTION:g}x) |", "| --- | --- | --- | --- |", *rows]
 
 
 def write_report(out_dir: str | Path, title: str, summary: dict, curves: dict[str, dict[int, Curve]],
