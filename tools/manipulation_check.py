@@ -29,6 +29,10 @@ import torch
 from tools.spectral import _check_latents, _normalised_frequencies
 from vae.lcr import local_correlation
 
+# Low-frequency cut-off (fraction of Nyquist): the zero bin and the first ring of a 4x4 latent (the SSVAE shape on
+# 64 px clips), about a third of the bins at any latent size; tools.spectral's 0.25 keeps only the zero bin there.
+DEFAULT_CUTOFF = 0.6
+
 # Names of the measured numbers, in table order, with their direction under the paper's claim (+1: should rise).
 QUANTITIES = {"lcr": "LCR statistic", "low_freq_ratio": "spatial low-freq ratio",
               "temporal_low_freq_ratio": "temporal low-freq ratio", "effective_rank": "effective rank",
@@ -48,7 +52,7 @@ class ClipMoments:
     top_k: int
 
     @classmethod
-    def of(cls, latents: torch.Tensor, cutoff: float = 0.25, top_k: int = 4,
+    def of(cls, latents: torch.Tensor, cutoff: float = DEFAULT_CUTOFF, top_k: int = 4,
            window: tuple[int, int, int] | list[int] = (2, 2, 2)) -> "ClipMoments":
         x = _check_latents(latents)
         n, c, t, h, w = x.shape
@@ -58,6 +62,11 @@ class ClipMoments:
             raise ValueError(f"top_k must be in [1, {c}] (the latent's channels), got {top_k}")
         if not 0 < cutoff <= 1:
             raise ValueError(f"cutoff must be in (0, 1], got {cutoff}")
+        rho, _ = _normalised_frequencies(t, h, w)
+        if int((rho < cutoff).sum()) < 2:
+            # The DC bin alone holds only how clips' channel means differ, not how smooth a latent is.
+            raise ValueError(f"cutoff {cutoff:g} keeps only the zero-frequency bin of a {h}x{w} latent; its first "
+                             f"ring is at {float(rho[rho > 0].min()):.3g} of Nyquist: use a cutoff above that")
         mean = x.mean(dim=(0, 2, 3, 4), keepdim=True)
         std = x.std(dim=(0, 2, 3, 4), keepdim=True, unbiased=False).clamp_min(1e-12)
         z = (x - mean) / std
@@ -214,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--frames", type=int, default=9)
     parser.add_argument("--fps", type=float, default=8.0)
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--cutoff", type=float, default=0.25)
+    parser.add_argument("--cutoff", type=float, default=DEFAULT_CUTOFF,
+                        help="low-frequency cut-off, a fraction of Nyquist (must keep more than the zero bin)")
     parser.add_argument("--top-k", type=int, default=4)
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=2)

@@ -362,7 +362,7 @@ class Study:
         clips = load_eval_clips(roots, m.check_clips, m.frames, self.cfg.data.default.fps, m.size, m.size)["video"]
         owner = self.vae_configs.get(variant.control.source if variant.is_control else variant.name)
         window = owner.loss.lcr.window if owner is not None else (2, 2, 2)
-        return ClipMoments.of(self._encode(stage, clips), m.cutoff, m.top_k, window)
+        return ClipMoments.of(self._encode(stage, clips), m.check_cutoff, m.top_k, window)
 
     def manipulation_section(self, measures: dict) -> tuple[list[str], dict | None]:
         """What the regularizers put into the latents, before any DiT: the manipulation check of every first stage

@@ -204,12 +204,14 @@ class MeasureConfig:
     # 95 % intervals are over these clips; top_k: the eigenspectrum share it reports (LMR should raise it).
     check_clips: int = 32
     top_k: int = 4
+    check_cutoff: float = 0.6  # its low-frequency cut-off: must keep more than the zero bin of the latent
 
     def validate(self, prefix: str = "measure") -> None:
         check(self.stats_clips >= 1 and self.num_clips >= 1, f"{prefix}.stats_clips/num_clips", "must be >= 1")
         check(self.check_clips >= 2, f"{prefix}.check_clips", f"must be >= 2 (an interval over clips), got "
               f"{self.check_clips}")
         check(self.top_k >= 1, f"{prefix}.top_k", f"must be >= 1, got {self.top_k}")
+        check(0 < self.check_cutoff <= 1, f"{prefix}.check_cutoff", "must be in (0, 1]")
         check(self.predictor_clips >= 16, f"{prefix}.predictor_clips", f"must be >= 16, got {self.predictor_clips}")
         check((self.frames - 1) % 4 == 0, f"{prefix}.frames", f"must be 1 + 4k, got {self.frames}")
         check(self.size >= 16 and self.size % 16 == 0, f"{prefix}.size", f"must be a multiple of 16, got {self.size}")
