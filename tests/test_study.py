@@ -3,6 +3,7 @@ import json
 import math
 
 import pytest
+from pathlib import Path
 
 from infra.config import ConfigError, load_config
 from tools.stages import StageRunner, config_hash
@@ -339,6 +340,18 @@ def test_default_data_scene_options_reach_the_generated_set(tmp_path, monkeypatc
         assert truths and {t["color"] for t in truths} <= {"red", "blue"} and {t["motion"] for t in truths} == {"left"}
     with pytest.raises(ConfigError, match=r"data\.default\.min_radius/max_radius"):
         load_config(StudyConfig, "configs/study/tiny.yaml", ["data.default.max_radius=0.4"])
+
+
+@pytest.mark.parametrize("weight, suffix", [(1, ""), (20, "*20")])
+def test_real_weight_reaches_the_vae_data_roots(tmp_path, monkeypatch, weight, suffix):
+    from tools.study import Study
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    cfg = load_config(StudyConfig, "configs/study/tiny.yaml", [f"output_dir={tmp_path}", f"data.real_weight={weight}"])
+    roots = Study(cfg, "t").vae_configs["baseline"].data.video_roots
+    assert roots == f"{tmp_path / 'data' / 'default'},{tmp_path / 'data' / 'real_train'}{suffix}"
+    with pytest.raises(ConfigError, match=r"data\.real_weight"):
+        load_config(StudyConfig, "configs/study/tiny.yaml", ["data.real_weight=0"])
 
 
 class _Identity(__import__("torch").nn.Module):

@@ -91,7 +91,8 @@ class Study:
         from vae.train_config import VAETrainConfig
 
         d = self.data
-        wired = ([f"data.video_roots={d / 'default'}" + (f",{d / 'real_train'}" if self._has_real_train() else ""),
+        real = f",{d / 'real_train'}" + (f"*{self.cfg.data.real_weight}" if self.cfg.data.real_weight > 1 else "")
+        wired = ([f"data.video_roots={d / 'default'}" + (real if self._has_real_train() else ""),
                   f"data.image_roots={d / 'default'}",
                   f"eval.video_roots={d / 'real_heldout' if self._has_real_heldout() else d / 'prompts'}"]
                  if self.cfg.data.wire_roots else [])

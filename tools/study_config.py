@@ -68,6 +68,9 @@ class StudyDataConfig:
     default: DefaultDataConfig = field(default_factory=DefaultDataConfig)
     real_footage: bool = True  # pack infra.footage clips into real_train / real_heldout shards
     heldout_clips: list[str] = field(default_factory=lambda: ["city"])  # real clips the VAE never trains on
+    # How often the VAE sees each real training clip per epoch (a root weight, real_train*N): 2 real clips beside
+    # 1000 generated videos are otherwise ~0.2 % of its batches, and a 16x VAE paints the shapes' colours into faces.
+    real_weight: int = 1
     # Point the VAE runs (data.video_roots/image_roots, eval.video_roots) and the DiT runs (data.video_roots) at the
     # generated data. Off at full scale, where vae/t2v overrides name the user's shard folders.
     wire_roots: bool = True
@@ -75,6 +78,7 @@ class StudyDataConfig:
     def validate(self, prefix: str = "data") -> None:
         unknown = sorted(set(self.heldout_clips) - set(CLIP_NAMES))
         check(not unknown, f"{prefix}.heldout_clips", f"unknown clip(s) {unknown}; known: {list(CLIP_NAMES)}")
+        check(self.real_weight >= 1, f"{prefix}.real_weight", f"must be >= 1, got {self.real_weight}")
 
 
 @dataclass
