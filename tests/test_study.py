@@ -1,9 +1,9 @@
 """The convergence study: resumable stages, the report's numbers on constructed curves, config validation."""
 import json
 import math
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 
 from infra.config import ConfigError, load_config
 from tools.stages import StageRunner, config_hash
