@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from tools.study import Study, load_study_config
+from tools.study_report import reconstruction_targets
 
 
 def locations(study: Study, report: dict) -> dict[str, dict[str, str]]:
@@ -75,7 +76,7 @@ def summary_lines(study: Study, report: dict) -> list[str]:
                      f"{'-' if chance is None else f'{chance:.3f}'}): "
                      + ", ".join(f"{s}: {r:.3f}" for s, r in row["mean_curve"])
                      + f"; final {row['final']['mean']:.3f}")
-    return lines
+    return lines + reconstruction_targets(report["measures"])
 
 
 def write_pipeline_report(study: Study, report: dict) -> Path:
