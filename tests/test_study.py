@@ -268,7 +268,7 @@ def test_shipped_study_configs_validate(monkeypatch):
 
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(root)
-    for name in ("configs/study/tiny.yaml", "configs/pipeline/tiny.yaml"):
+    for name in ("configs/study/tiny.yaml", "configs/study/tiny_4x.yaml", "configs/pipeline/tiny.yaml"):
         cfg = load_config(StudyConfig, name)
         study = Study(cfg, name)
         vae = study.vae_config(cfg.variants[-1])
@@ -278,15 +278,29 @@ def test_shipped_study_configs_validate(monkeypatch):
         assert run.max_steps % run.eval_every == 0, name
         assert run.eval_at_start + run.max_steps // run.eval_every >= 6, name
     tiny = load_config(StudyConfig, "configs/study/tiny.yaml")
-    assert [v.name for v in tiny.variants] == ["baseline", "lcr", "lmr", "lcr_lmr", "lcr_lmr_checker",
-                                               "lcr_lmr_white"]
+    assert [v.name for v in tiny.variants] == ["baseline", "lcr", "lmr", "lcr_lmr", "cogvideox_shape",
+                                               "baseline_white", "lcr_lmr_white", "lcr_lmr_checker"]
     study = Study(tiny, "tiny")
     flags = {v.name: (study.vae_config(v).loss.lcr.enabled, study.vae_config(v).loss.lmr.enabled)
              for v in tiny.variants if v.trains_vae}
-    assert flags == {"baseline": (False, False), "lcr": (True, False), "lmr": (False, True), "lcr_lmr": (True, True)}
+    assert flags == {"baseline": (False, False), "lcr": (True, False), "lmr": (False, True), "lcr_lmr": (True, True),
+                     "cogvideox_shape": (False, False)}
+    # The paper's latent shapes (time, space, channels), each DiT at 48 tokens per 9-frame 128 px clip.
+    shapes = {v.name: (c.model.temporal_compression, c.model.spatial_compression, c.model.z_channels)
+              for v in tiny.variants if v.trains_vae for c in [study.vae_config(v)]}
+    assert shapes == {**{n: (4, 16, 48) for n in ("baseline", "lcr", "lmr", "lcr_lmr")}, "cogvideox_shape": (4, 8, 16)}
+    for v in tiny.variants:
+        t2v = study.t2v_config(v, 0)
+        source = v.control.source if v.is_control else v.name
+        tokens = 3 * (t2v.data.height // shapes[source][1] // t2v.model.patch_size) ** 2
+        assert tokens == 48, v.name
+    # The 2x2 of controls: baseline and LCR+LMR, each normalised (the trained variant itself) and whitened.
     controls = {v.name: (v.control.source, v.control.kind) for v in tiny.variants if v.is_control}
-    assert controls == {"lcr_lmr_checker": ("lcr_lmr", "checkerboard"), "lcr_lmr_white": ("lcr_lmr", "whiten")}
-    assert [v.name for v in study.ordered_variants()][-2:] == ["lcr_lmr_checker", "lcr_lmr_white"]
+    assert controls == {"baseline_white": ("baseline", "whiten"), "lcr_lmr_white": ("lcr_lmr", "whiten"),
+                        "lcr_lmr_checker": ("lcr_lmr", "checkerboard")}
+    checker = tiny.variant("lcr_lmr_checker")
+    assert checker.control.cell == study.t2v_config(checker, 0).model.patch_size  # whole tokens flip sign
+    assert [v.name for v in study.ordered_variants()][-3:] == ["baseline_white", "lcr_lmr_white", "lcr_lmr_checker"]
     assert len(tiny.seeds) >= 3 and tiny.prompts.num_prompts >= 32
     assert not math.isnan(tiny.reward.threshold_fraction)
 

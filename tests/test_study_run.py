@@ -22,7 +22,8 @@ def toy_study(tmp_path_factory):
     os.chdir(ROOT)
     try:
         cfg = load_config(StudyConfig, "configs/study/tiny.yaml", [
-            f"output_dir={out}", "seeds=[0,1]", "data.real_footage=false",
+            # The 4x tiny VAE: at 32 px the study's 16x one has a 2x2 latent, too small for the spectra.
+            f"output_dir={out}", "seeds=[0,1]", "data.real_footage=false", "vae.config=configs/vae/tiny.yaml",
             "data.default.num_videos=12", "data.default.num_images=4", "data.default.size=32",
             "data.default.frames=5", "prompts.num_prompts=3", "reward.resamples=200",
             "measure.frames=5", "measure.size=32", "measure.stats_clips=4", "measure.num_clips=2",
