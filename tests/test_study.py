@@ -298,6 +298,7 @@ def test_shipped_study_configs_validate(monkeypatch):
     controls = {v.name: (v.control.source, v.control.kind) for v in tiny.variants if v.is_control}
     assert controls == {"baseline_white": ("baseline", "whiten"), "lcr_lmr_white": ("lcr_lmr", "whiten"),
                         "lcr_lmr_checker": ("lcr_lmr", "checkerboard")}
+    assert tiny.whitened_controls() == {"baseline": "baseline_white", "lcr_lmr": "lcr_lmr_white"}
     checker = tiny.variant("lcr_lmr_checker")
     assert checker.control.cell == study.t2v_config(checker, 0).model.patch_size  # whole tokens flip sign
     assert [v.name for v in study.ordered_variants()][-3:] == ["baseline_white", "lcr_lmr_white", "lcr_lmr_checker"]

@@ -666,6 +666,7 @@ class Study:
                      tables: dict | None = None) -> dict:
         from tools.spectral import plot_spectra
         from tools.study_report import reward_summary, statistics_section, write_report
+        from tools.study_stats import view_and_regularizer_contrasts
 
         cfg = self.cfg
         summary = reward_summary(curves, cfg.baseline, cfg.reward.threshold, cfg.reward.threshold_fraction)
@@ -673,7 +674,8 @@ class Study:
         analyses = {v: json.loads(Path(m["spectral_file"]).read_text()) for v, m in measures.items()}
         spectra = plot_spectra(analyses, report_dir)
         captions, _ = self.prompts()
-        stats_lines, stats = statistics_section(tables or {}, measures, summary, cfg.baseline, cfg.reward.resamples)
+        stats_lines, stats = statistics_section(tables or {}, measures, summary, cfg.baseline, cfg.reward.resamples,
+                                                view_and_regularizer_contrasts(cfg.baseline, cfg.whitened_controls()))
         check_lines, check = self.manipulation_section(measures)
         pictures = ["## Pictures", "",
                     "Original | reconstruction frames (first, middle, last) of prompt clips and held-out real clips, and "

@@ -287,3 +287,7 @@ class StudyConfig:
             if v.name == name:
                 return v
         raise KeyError(name)
+
+    def whitened_controls(self) -> dict[str, str]:
+        """Each variant seen through a whitening control -> that control (the report's regularizers x view 2x2)."""
+        return {v.control.source: v.name for v in self.variants if v.is_control and v.control.kind == "whiten"}

@@ -306,19 +306,47 @@ def _ci(value, interval, digits: int = 3, suffix: str = "") -> str:
     return f"{text} [{lo}, {hi}]"
 
 
+def _reading(higher: bool | None) -> str:
+    return {True: "**higher**", False: "**lower**", None: "no significant difference"}[higher]
+
+
+def two_by_two_lines(contrasts: dict) -> list[str]:
+    """Markdown of the regularizers x view contrasts (:func:`tools.study_stats.view_and_regularizer_contrasts`)."""
+    if not contrasts:
+        return []
+    lines = ["### The 2x2: what the regularizers put into the latents, and how the DiT is shown them", "",
+             "Each regularized VAE and the baseline, seen by the DiT per-channel normalised (the paper's input) and "
+             "whitened (the same latents with decorrelated channels; the reconstructions are identical). Paired "
+             "differences with 95 % intervals; \"interaction\": whether the view helps one VAE more than the other.", "",
+             "| contrast | final reward | reading | AUC | reading |", "| --- | --- | --- | --- | --- |"]
+    for name, c in contrasts.items():
+        lines.append(f"| {name} | {_ci(c['final'], c['final_ci'])} | {_reading(c['final_higher'])} | "
+                     f"{_ci(c['auc'], c['auc_ci'])} | {_reading(c['auc_higher'])} |")
+    view = [c["final"] for n, c in contrasts.items() if n.startswith("view on ")]
+    regs = [c["final"] for n, c in contrasts.items() if n.startswith("regularizers, ")]
+    if view and regs:
+        bigger = "the view" if min(abs(v) for v in view) > max(abs(r) for r in regs) else (
+            "the regularizers" if min(abs(r) for r in regs) > max(abs(v) for v in view) else "neither consistently")
+        lines += ["", f"In final reward, the view moves the DiT by {min(view):+.3f} to {max(view):+.3f}, the "
+                      f"regularizers by {min(regs):+.3f} to {max(regs):+.3f}: {bigger} matters more here."]
+    return lines + [""]
+
+
 def statistics_section(tables: dict, measures: dict, summary: dict, baseline: str,
-                       resamples: int = 2000) -> tuple[list[str], dict | None]:
+                       resamples: int = 2000, contrasts: dict | None = None) -> tuple[list[str], dict | None]:
     """Markdown of the bootstrap statistics, the verdict and the no-training predictors, and the numbers behind it.
 
     ``tables[variant][seed][step]`` = per-prompt rewards. Returns ([], None) when they are missing (a study run before
-    per-prompt rewards were kept).
+    per-prompt rewards were kept). ``contrasts`` (name -> weights of variants) are estimated on the same resamples;
+    those of variants without rewards are left out.
     """
     from tools.study_stats import bootstrap, rank_correlations, verdict
 
     if not tables or any(not seeds or any(not steps for steps in seeds.values()) for seeds in tables.values()):
         return [], None
     threshold = summary["threshold"]
-    stats = bootstrap(tables, threshold, baseline if baseline in tables else "", resamples)
+    contrasts = {n: w for n, w in (contrasts or {}).items() if set(w) <= set(tables)}
+    stats = bootstrap(tables, threshold, baseline if baseline in tables else "", resamples, contrasts=contrasts)
     chance = chance_level(measures)
     original = next((m["reconstruction_reward"]["original"] for m in measures.values()
                      if m.get("reconstruction_reward")), None)
@@ -340,7 +368,12 @@ def statistics_section(tables: dict, measures: dict, summary: dict, baseline: st
                      f"{_ci(paired.get('final_diff'), paired.get('final_diff_ci'))} | "
                      f"{_ci(est['auc'], est['auc_ci'])} | {_ci(paired.get('auc_diff'), paired.get('auc_diff_ci'))} |")
     verdict_lines = verdict(stats)
-    lines += ["", "### Verdict", "", *[f"- {line}" for line in verdict_lines], ""]
+    best = max(stats["variants"], key=lambda v: stats["variants"][v]["final"])
+    best_est = stats["variants"][best]
+    verdict_lines.insert(0, f"The best final reward is **{best}**'s, {_ci(best_est['final'], best_est['final_ci'])} "
+                            f"(chance {'-' if chance is None else f'{chance:.3f}'}).")
+    lines += ["", "### Verdict", "", *[f"- {line}" for line in verdict_lines], "",
+              *two_by_two_lines(stats["contrasts"])]
 
     predictors = {key: {v: (m.get("predictors") or {}).get(key) for v, m in measures.items()} for key in PREDICTORS}
     outcomes = {"final reward": {v: e["final"] for v, e in stats["variants"].items()},

@@ -86,10 +86,20 @@ def _finite_or_none(value: float) -> Optional[float]:
 
 
 def bootstrap(tables: dict[str, RewardTable], threshold: float, baseline: str = "", resamples: int = 2000,
-              seed: int = 0) -> dict:
-    """Point estimates, 95 % intervals and paired comparisons for every variant; see the module docstring."""
+              seed: int = 0, contrasts: Optional[dict[str, dict[str, float]]] = None) -> dict:
+    """Point estimates, 95 % intervals and paired comparisons for every variant; see the module docstring.
+
+    ``contrasts``: named weighted sums of variants whose weights sum to 0 (``{"a - b": {"a": 1, "b": -1}}``), each
+    estimated with the same paired resamples as the comparisons with the baseline (final reward and AUC).
+    """
     if not tables:
         raise ValueError("no variants to compare")
+    for name, weights in (contrasts or {}).items():
+        unknown = sorted(set(weights) - set(tables))
+        if unknown:
+            raise ValueError(f"contrast {name!r} names variants without rewards: {unknown} (have {sorted(tables)})")
+        if not weights or abs(sum(weights.values())) > 1e-9:
+            raise ValueError(f"contrast {name!r} must have weights that sum to 0, got {weights}")
     if resamples < 100:
         raise ValueError(f"resamples must be >= 100 for a 95 % interval, got {resamples}")
     if baseline and baseline not in tables:
@@ -140,8 +150,41 @@ def bootstrap(tables: dict[str, RewardTable], threshold: float, baseline: str = 
                 continue
             estimates[variant]["vs_baseline"] = _paired(draws[variant], base, estimates[variant],
                                                         estimates[baseline])
+    combined = {}
+    for name, weights in (contrasts or {}).items():
+        combined[name] = {"weights": dict(weights)}
+        for key in ("final", "auc"):
+            diff = sum(w * draws[v][key] for v, w in weights.items())
+            interval = _interval(diff)
+            combined[name][key] = float(sum(w * estimates[v][key] for v, w in weights.items()))
+            combined[name][f"{key}_ci"] = interval
+            combined[name][f"{key}_higher"] = _direction(interval, 0.0)
     return {"threshold": threshold, "baseline": baseline or None, "seeds": seeds, "steps": steps,
-            "prompts": n_prompts, "resamples": resamples, "level": LEVEL, "variants": estimates}
+            "prompts": n_prompts, "resamples": resamples, "level": LEVEL, "variants": estimates,
+            "contrasts": combined}
+
+
+def view_and_regularizer_contrasts(baseline: str, whitened: dict[str, str]) -> dict[str, dict[str, float]]:
+    """The 2x2 of regularizers x the DiT's view, as contrasts for :func:`bootstrap`.
+
+    ``whitened`` maps a variant to its whitening control (the same latents, channels decorrelated). With the baseline
+    and one regularized variant ``r``, each seen per-channel normalised (the variant itself) and whitened (its
+    control), the four cells give: what the regularizers do under each view (r - baseline), what the view does to
+    each VAE (whitened - normalised), and whether the two interact. Empty when the baseline has no whitened control.
+    """
+    if baseline not in whitened:
+        return {}
+    white_base = whitened[baseline]
+    out = {f"view on {baseline}: {white_base} - {baseline}": {white_base: 1.0, baseline: -1.0}}
+    for variant, white in whitened.items():
+        if variant == baseline:
+            continue
+        out[f"view on {variant}: {white} - {variant}"] = {white: 1.0, variant: -1.0}
+        out[f"regularizers, normalised: {variant} - {baseline}"] = {variant: 1.0, baseline: -1.0}
+        out[f"regularizers, whitened: {white} - {white_base}"] = {white: 1.0, white_base: -1.0}
+        out[f"interaction: ({white} - {variant}) - ({white_base} - {baseline})"] = {
+            white: 1.0, variant: -1.0, white_base: -1.0, baseline: 1.0}
+    return out
 
 
 def _speed_up(base_steps, variant_steps) -> np.ndarray:
