@@ -86,6 +86,9 @@ def test_expectations_and_table():
     assert not expectations(check, {}, hinge=-0.5)[0]["passed"]
     table = markdown(check, expectations(check, {"lmr": {"lmr": True}}, 0.75))
     assert "| lmr |" in table and "**no**" in table and "top-4 share" in table
+    assert "Not as the paper predicts in this run: LMR raises the top-4 share, for lmr." in table
+    # Every expectation met: no such sentence.
+    assert "Not as the paper predicts" not in markdown(check, expectations(check, {"lcr": {"lcr": True}}, 0.75))
 
 
 def test_bad_inputs_name_the_problem():
