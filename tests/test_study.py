@@ -504,6 +504,42 @@ def test_a_failed_dit_training_lets_the_running_one_finish_starts_no_more_and_is
     assert len(started) < len(jobs)  # the queued ones were not started
 
 
+def test_vae_trainings_run_parallel_runs_at_once_for_every_variant_that_owns_a_first_stage(tmp_path, monkeypatch):
+    """The study trains its VAEs in the same pool as its DiTs: every non-control variant once, two at a time with
+    one thread each on a 2-thread launcher; the controls train nothing."""
+    import threading
+    import time
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from tools.study import Study
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    cfg = load_config(StudyConfig, "configs/study/tiny.yaml", [f"output_dir={tmp_path / 'out'}"])
+    assert cfg.launcher.parallel_runs == 2 and cfg.launcher.omp_threads == 2
+    study = Study(cfg, "s")
+    lock, starts, running = threading.Lock(), [], [0]
+
+    def fake_vae(variant, data_hash, runs_at_once=1):
+        with lock:
+            running[0] += 1
+            starts.append((variant.name, data_hash, running[0], cfg.launcher.threads_per_run(runs_at_once)))
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return f"vae of {variant.name}"
+
+    monkeypatch.setattr(study, "stage_vae", fake_vae)
+    with tqdm(disable=True) as bar:
+        results = study._train_vaes("hash", bar)
+    owners = [v.name for v in cfg.variants if not v.is_control]
+    assert owners == ["baseline", "lcr", "lmr", "lcr_lmr", "cogvideox_shape"]
+    assert results == {name: f"vae of {name}" for name in owners}
+    assert sorted(row[0] for row in starts) == sorted(owners) and {row[1] for row in starts} == {"hash"}
+    assert max(row[2] for row in starts) == 2 and {row[3] for row in starts} == {1}
+
+
 def test_pooling_baseline_reproduces_what_is_constant_over_its_blocks_and_loses_the_rest():
     """The report's pooling baselines on a constructed clip: a clip constant over 16x16 blocks is what a 16x pool
     keeps exactly; a 1-pixel checkerboard on top is lost at every pooling size and kept at 1."""

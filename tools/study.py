@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -229,7 +230,7 @@ class Study:
         return captions, truths
 
     # ------------------------------------------------------------------------------------------------ variants
-    def stage_vae(self, variant: VariantConfig, data_hash: str) -> StageResult:
+    def stage_vae(self, variant: VariantConfig, data_hash: str, runs_at_once: int = 1) -> StageResult:
         vdir = self.variant_dir(variant)
         if not variant.trains_vae:
             return self.runner.run(f"{variant.name}/vae", {"path": str(Path(variant.path).resolve())},
@@ -240,7 +241,7 @@ class Study:
             path = vdir / "vae.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
             save_config(cfg, path)
-            self.launch("vae.train", path, vdir / "logs" / "vae.log")
+            self.launch("vae.train", path, vdir / "logs" / "vae.log", runs_at_once)
             return {"model": str(Path(cfg.run.output_dir) / "model"), "trained": True,
                     "eval": _last_metrics(Path(cfg.run.output_dir) / "metrics.jsonl", "eval/")}
 
@@ -544,18 +545,14 @@ class Study:
         """Variants that own a first stage first, then the controls (which transform one of them)."""
         return [v for v in self.cfg.variants if not v.is_control] + [v for v in self.cfg.variants if v.is_control]
 
-    def _train_dits(self, jobs: list[tuple[VariantConfig, int]], done: dict, bar: tqdm) -> dict:
-        """The DiT stage of every (variant, seed), ``launcher.parallel_runs`` at once. A failure lets the running
-        trainings finish (each keeps its checkpoints and marker), starts no new one, and is raised after."""
-        at_once = min(self.cfg.launcher.parallel_runs, len(jobs))
-        results: dict[tuple[str, int], StageResult] = {}
-
-        def train(variant: VariantConfig, seed: int) -> StageResult:
-            return self.stage_dit(variant, seed, done[variant.name]["first_stage"], done[variant.name]["latents"],
-                                  at_once)
-
-        with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="dit") as pool:
-            futures = {pool.submit(train, variant, seed): (variant.name, seed) for variant, seed in jobs}
+    def _in_parallel(self, jobs: dict, bar: tqdm) -> dict:
+        """Run every job (a function of how many trainings share the machine), ``launcher.parallel_runs`` at once;
+        returns their results under the jobs' keys. A failure lets the running ones finish (each keeps its
+        checkpoints and marker), starts no new one, and is raised after."""
+        at_once = min(self.cfg.launcher.parallel_runs, max(1, len(jobs)))
+        results: dict = {}
+        with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="train") as pool:
+            futures = {pool.submit(job, at_once): key for key, job in jobs.items()}
             failure = None
             for future in as_completed(futures):
                 try:
@@ -570,6 +567,16 @@ class Study:
             raise failure
         return results
 
+    def _train_vaes(self, data_hash: str, bar: tqdm) -> dict:
+        """The VAE stage of every variant that owns a first stage, ``launcher.parallel_runs`` at once."""
+        return self._in_parallel({v.name: partial(self.stage_vae, v, data_hash)
+                                  for v in self.ordered_variants() if not v.is_control}, bar)
+
+    def _train_dits(self, jobs: list[tuple[VariantConfig, int]], done: dict, bar: tqdm) -> dict:
+        """The DiT stage of every (variant, seed), ``launcher.parallel_runs`` at once."""
+        return self._in_parallel({(v.name, seed): partial(self.stage_dit, v, seed, done[v.name]["first_stage"],
+                                                          done[v.name]["latents"]) for v, seed in jobs}, bar)
+
     def run(self) -> dict:
         """Every stage (skipping those done), then the report; returns what the report holds plus file paths."""
         started = time.perf_counter()
@@ -580,16 +587,21 @@ class Study:
         data_hash = "".join(data[k].hash for k in vae_inputs if k in data)
         done: dict[str, dict[str, StageResult | None]] = {}
         with tqdm(total=len(cfg.variants) * (5 + 2 * len(cfg.seeds)), desc="study", unit="stage") as bar:
+            # The VAE trainings first, launcher.parallel_runs at a time (on 2 CPU cores two one-thread runs train
+            # ~1.25x the steps per hour of one two-thread run, docs/STUDY.md), then each variant's measures.
+            bar.set_postfix_str("VAE trainings")
+            vaes = self._train_vaes(data_hash, bar)
             for variant in self.ordered_variants():
                 bar.set_postfix_str(variant.name)
                 if variant.is_control:
                     source = cfg.variant(variant.control.source)
                     fs = self.stage_control(variant, source, done[source.name]["first_stage"])
                     source_latents = done[source.name]["latents"]
+                    bar.update(2)
                 else:
-                    fs = self.stage_first_stage(variant, self.stage_vae(variant, data_hash))
+                    fs = self.stage_first_stage(variant, vaes[variant.name])
                     source_latents = None
-                bar.update(2)
+                    bar.update()
                 self.stage_measure(variant, fs)
                 bar.update()
                 latents = self.stage_latents(variant, fs, source_latents)

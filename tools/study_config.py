@@ -99,9 +99,10 @@ class LauncherConfig:
     kind: str = "python"
     num_gpus: int = 1  # processes of the deepspeed launcher (1 on CPU)
     omp_threads: int = 0  # OMP_NUM_THREADS of a training that runs alone; 0 leaves the environment's
-    # DiT trainings run at once, the omp_threads split among them. On a CPU the tiny DiT's small matmuls and
-    # elementwise ops scale poorly over threads: two runs of one thread each on 2 cores train ~1.5x the steps per
-    # hour of one run of two (docs/STUDY.md). On GPUs keep 1: every run takes all num_gpus.
+    # parallel_runs: trainings at once (the VAEs, then the DiTs), omp_threads split among them. On a CPU the tiny
+    # models' small matmuls and convolutions scale poorly over threads: two runs of one thread each on 2 cores train
+    # ~1.5x the DiT steps and ~1.25x the VAE steps per hour of one run of two (docs/STUDY.md). On GPUs keep 1: every
+    # run takes all num_gpus.
     parallel_runs: int = 1
 
     def validate(self, prefix: str = "launcher") -> None:
