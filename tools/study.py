@@ -588,7 +588,8 @@ class Study:
         done: dict[str, dict[str, StageResult | None]] = {}
         with tqdm(total=len(cfg.variants) * (5 + 2 * len(cfg.seeds)), desc="study", unit="stage") as bar:
             # The VAE trainings first, launcher.parallel_runs at a time (on 2 CPU cores two one-thread runs train
-            # ~1.25x the steps per hour of one two-thread run, docs/STUDY.md), then each variant's measures.
+            # ~1.2x the steps per hour of one two-thread run, bench.bench_parallel_runs), then each variant's
+            # measures.
             bar.set_postfix_str("VAE trainings")
             vaes = self._train_vaes(data_hash, bar)
             for variant in self.ordered_variants():

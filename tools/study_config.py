@@ -101,8 +101,8 @@ class LauncherConfig:
     omp_threads: int = 0  # OMP_NUM_THREADS of a training that runs alone; 0 leaves the environment's
     # parallel_runs: trainings at once (the VAEs, then the DiTs), omp_threads split among them. On a CPU the tiny
     # models' small matmuls and convolutions scale poorly over threads: two runs of one thread each on 2 cores train
-    # ~1.5x the DiT steps and ~1.25x the VAE steps per hour of one run of two (docs/STUDY.md). On GPUs keep 1: every
-    # run takes all num_gpus.
+    # 1.2x to 1.5x the steps per hour of one run of two (bench.bench_parallel_runs, docs/STUDY.md). On GPUs keep 1:
+    # every run takes all num_gpus.
     parallel_runs: int = 1
 
     def validate(self, prefix: str = "launcher") -> None:
