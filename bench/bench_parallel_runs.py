@@ -26,15 +26,12 @@ MODELS = ("vae", "dit")
 
 
 def worker(model: str, steps: int, warmup: int) -> dict:
-    """One training step's median time in this process (its threads come from OMP_NUM_THREADS)."""
-    import torch
-
+    """One training step's median time in this process (torch takes its threads from OMP_NUM_THREADS)."""
     from bench.bench_tiny_training import dit_step_time, vae_step_time
     from dit.train_config import T2VTrainConfig
     from infra.config import load_config
     from vae.train_config import VAETrainConfig
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if model == "vae":
         cfg = load_config(VAETrainConfig, ROOT / "configs/vae/tiny_ssvae.yaml")
         d = cfg.data
@@ -59,13 +56,12 @@ def _collect(process: subprocess.Popen) -> dict:
 
 def compare(model: str, threads: int, steps: int, warmup: int) -> dict:
     """Solo (all threads) then pair (two processes at once, half the threads each) for one model."""
-    solo = _collect(_launch(model, threads, steps, warmup))
-    pair = [_launch(model, max(1, threads // 2), steps, warmup) for _ in range(2)]
-    pair_results = [_collect(p) for p in pair]
-    pair_s = max(r["s_per_step"] for r in pair_results)  # the slower of the two sets the pair's pace
-    return {"solo_s_per_step": solo["s_per_step"], "solo_threads": threads,
-            "pair_s_per_step": [r["s_per_step"] for r in pair_results], "pair_threads_each": max(1, threads // 2),
-            "pair_throughput_vs_solo": (2 / pair_s) / (1 / solo["s_per_step"])}
+    half = threads // 2  # main() refuses fewer than 2 threads
+    solo = _collect(_launch(model, threads, steps, warmup))["s_per_step"]
+    pair = [_collect(p)["s_per_step"] for p in [_launch(model, half, steps, warmup) for _ in range(2)]]
+    # The slower of the two sets the pair's pace.
+    return {"solo_s_per_step": solo, "solo_threads": threads, "pair_s_per_step": pair, "pair_threads_each": half,
+            "pair_throughput_vs_solo": 2 * solo / max(pair)}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -506,7 +506,8 @@ def test_a_failed_dit_training_lets_the_running_one_finish_starts_no_more_and_is
 
 def test_vae_trainings_run_parallel_runs_at_once_for_every_variant_that_owns_a_first_stage(tmp_path, monkeypatch):
     """The study trains its VAEs in the same pool as its DiTs: every non-control variant once, two at a time with
-    one thread each on a 2-thread launcher; the controls train nothing."""
+    one thread each on a 2-thread launcher; the controls train nothing, and a VAE given by path takes no slot."""
+    import io
     import threading
     import time
     from pathlib import Path
@@ -516,8 +517,12 @@ def test_vae_trainings_run_parallel_runs_at_once_for_every_variant_that_owns_a_f
     from tools.study import Study
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    from tools.study_config import VariantConfig
+
     cfg = load_config(StudyConfig, "configs/study/tiny.yaml", [f"output_dir={tmp_path / 'out'}"])
     assert cfg.launcher.parallel_runs == 2 and cfg.launcher.omp_threads == 2
+    (tmp_path / "given").mkdir()
+    cfg.variants.insert(1, VariantConfig(name="given", path=str(tmp_path / "given")))
     study = Study(cfg, "s")
     lock, starts, running = threading.Lock(), [], [0]
 
@@ -531,13 +536,17 @@ def test_vae_trainings_run_parallel_runs_at_once_for_every_variant_that_owns_a_f
         return f"vae of {variant.name}"
 
     monkeypatch.setattr(study, "stage_vae", fake_vae)
-    with tqdm(disable=True) as bar:
+    with tqdm(file=io.StringIO()) as bar:
         results = study._train_vaes("hash", bar)
+        assert bar.n == 6  # one step per VAE stage
     owners = [v.name for v in cfg.variants if not v.is_control]
-    assert owners == ["baseline", "lcr", "lmr", "lcr_lmr", "cogvideox_shape"]
+    assert owners == ["baseline", "given", "lcr", "lmr", "lcr_lmr", "cogvideox_shape"]
     assert results == {name: f"vae of {name}" for name in owners}
     assert sorted(row[0] for row in starts) == sorted(owners) and {row[1] for row in starts} == {"hash"}
-    assert max(row[2] for row in starts) == 2 and {row[3] for row in starts} == {1}
+    # The given VAE ran outside the pool (called with the default runs_at_once=1, so all threads).
+    assert [row[3] for row in starts if row[0] == "given"] == [2]
+    trained = [row for row in starts if row[0] != "given"]
+    assert max(row[2] for row in trained) == 2 and {row[3] for row in trained} == {1}
 
 
 def test_pooling_baseline_reproduces_what_is_constant_over_its_blocks_and_loses_the_rest():

@@ -568,9 +568,14 @@ class Study:
         return results
 
     def _train_vaes(self, data_hash: str, bar: tqdm) -> dict:
-        """The VAE stage of every variant that owns a first stage, ``launcher.parallel_runs`` at once."""
-        return self._in_parallel({v.name: partial(self.stage_vae, v, data_hash)
-                                  for v in self.ordered_variants() if not v.is_control}, bar)
+        """The VAE stage of every variant that owns a first stage; those that train run ``launcher.parallel_runs``
+        at once. A VAE given by ``path`` only records its folder, so it takes no slot (nor a share of the threads)."""
+        owners = [v for v in self.ordered_variants() if not v.is_control]
+        given = {v.name: self.stage_vae(v, data_hash) for v in owners if not v.trains_vae}
+        bar.update(len(given))
+        trained = self._in_parallel({v.name: partial(self.stage_vae, v, data_hash) for v in owners if v.trains_vae},
+                                    bar)
+        return {v.name: given.get(v.name) or trained[v.name] for v in owners}
 
     def _train_dits(self, jobs: list[tuple[VariantConfig, int]], done: dict, bar: tqdm) -> dict:
         """The DiT stage of every (variant, seed), ``launcher.parallel_runs`` at once."""
