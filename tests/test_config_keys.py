@@ -134,3 +134,22 @@ def test_deepspeed_refusing_its_section_names_deepspeed_extra(one_process_group)
     bad = DeepSpeedConfig(extra={"zero_optimization": {"stage": 2, "reduce_bucket_size": "lots"}})
     with pytest.raises(ConfigError, match=r"^deepspeed\.extra: .*reduce_bucket_size"):
         build_engine(torch.nn.Linear(2, 2), bad, OptimizerConfig(), 1)
+
+
+def test_a_zero_engine_builds_without_importing_deepspeeds_muon(one_process_group, monkeypatch):
+    """DeepSpeed's ZeRO check would import its Muon module (whose torch.compile decorators cost 2.2 s of every
+    process's start-up); the engine is built without it, with the AdamW asked for, and Muon stays importable."""
+    import sys
+
+    import torch
+
+    from infra.config import DeepSpeedConfig, OptimizerConfig
+    from infra.engine import _MUON_MODULE, build_engine
+
+    monkeypatch.delitem(sys.modules, _MUON_MODULE, raising=False)  # put back afterwards if another test imported it
+    engine = build_engine(torch.nn.Linear(2, 2), DeepSpeedConfig(zero_stage=2), OptimizerConfig(type="adamw"), 1)
+    assert _MUON_MODULE not in sys.modules  # neither imported nor left marked as unimportable
+    assert type(engine.optimizer.optimizer).__name__ == "AdamW"
+    loss = engine(torch.ones(1, 2)).sum()
+    engine.backward(loss)
+    engine.step()
