@@ -1,6 +1,6 @@
 """Resume at another data-parallel size (gloo, CPU): a tiny DiT trained on 2 ranks, resumed on 1 rank with 2
 accumulation steps (the same global batch), then on 2 ranks again, equals the uninterrupted 1-rank run: every logged
-loss and the exported EMA weights, under ZeRO 1, 2 and 3. DeepSpeed's universal checkpoint re-partitions the
+loss and the exported EMA weights, under ZeRO 2 and 3. DeepSpeed's universal checkpoint re-partitions the
 optimizer states (``infra.reshard``); the data order and draws follow the global batch index."""
 import shutil
 
@@ -50,7 +50,9 @@ def two_rank_start(config, tmp_path_factory):
     return run_for
 
 
-@pytest.mark.parametrize("zero", [1, 2, 3])
+# ZeRO 2 and 3 (43 s each): ZeRO 1 is ZeRO 2's optimizer class and checkpoint layout (DeepSpeed's stage_1_and_2.py,
+# the same files and universal conversion), and the VAE's resume across world sizes is tested apart.
+@pytest.mark.parametrize("zero", [2, 3])
 def test_resume_on_fewer_then_more_ranks_equals_uninterrupted(config, uninterrupted, two_rank_start, tmp_path, zero):
     run, stage = tmp_path / "run", f"deepspeed.zero_stage={zero}"
     shutil.copytree(two_rank_start(zero), run)
