@@ -67,9 +67,11 @@ def _deep_update(base: dict, extra: dict) -> None:
 
 
 # DeepSpeed's ZeRO optimizer check (``is_zero_supported_optimizer``) imports its Muon optimizer module to add it to
-# the supported list, and that module's ``torch.compile`` decorators import torch's inductor: 2.2 s of every training
+# the supported list, and that module's ``torch.compile`` decorators import torch's inductor: 2.2 s of a training
 # process's start-up (measured: a 1-step tiny DiT run, 10.7 s in all), for an optimizer this stack never builds
-# (``deepspeed_config`` asks for torch's Adam or AdamW). The check's ImportError fallback skips Muon instead.
+# (``deepspeed_config`` asks for torch's Adam or AdamW). Under ZeRO 1 and 2 the check's ImportError fallback skips
+# Muon instead; one rank then never imports it (several do, in their first gradient reduction). ZeRO-3's optimizer
+# imports it unconditionally while it is built, so ZeRO-3 pays the 2.2 s.
 _MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
 
 
@@ -110,7 +112,7 @@ def build_engine(module: nn.Module, ds: DeepSpeedConfig, opt: OptimizerConfig, w
     from infra.zero3 import zero3_ready
 
     try:
-        with zero3_ready(module) if ds.zero_stage == 3 else nullcontext(), _muon_not_imported():
+        with zero3_ready(module) if ds.zero_stage == 3 else _muon_not_imported():
             engine, _, _, _ = deepspeed.initialize(
                 model=module, model_parameters=params, mpu=mpu, config=deepspeed_config(ds, opt, world_size, kernel))
     except ValidationError as err:  # DeepSpeed checks its JSON with pydantic; say which of our keys fed it

@@ -80,9 +80,12 @@ def one_process_group():
         import deepspeed.comm.comm as ds_comm
         import torch.distributed as dist
 
+        import deepspeed.utils.groups as ds_groups
+
         if dist.is_initialized():
             dist.destroy_process_group()
         ds_comm.cdb = None
+        ds_groups._WORLD_GROUP = None  # an engine's clone of the world group dies with it; the next engine makes its own
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
