@@ -37,7 +37,7 @@ setup(
         "gpu": ["flash-attn>=2.6"],
         "megatron": ["megatron-core==0.16.1"],
         "wandb": ["wandb"],
-        "dev": ["pytest>=8"],
+        "dev": ["pytest>=8", "pytest-xdist==3.8.0"],  # the suite runs on two workers (scripts/test.sh)
     },
     entry_points={
         "console_scripts": [
