@@ -78,9 +78,8 @@ def one_process_group():
         yield
     finally:
         import deepspeed.comm.comm as ds_comm
-        import torch.distributed as dist
-
         import deepspeed.utils.groups as ds_groups
+        import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
