@@ -102,8 +102,8 @@ def dit_step_time(cfg, steps: int, warmup: int) -> dict:
 def main(argv=None) -> dict:
     from dit.train_config import T2VTrainConfig
     from infra.config import load_config
-    from vae.config import DecoderConfig, EncoderConfig, SSVAEConfig
-    from vae.train_config import VAETrainConfig
+    from vae.config import DecoderConfig, EncoderConfig
+    from vae.train_config import VAEModelConfig, VAETrainConfig
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=5)
@@ -118,7 +118,7 @@ def main(argv=None) -> dict:
                                      args.warmup)}
     old = load_config(VAETrainConfig, ROOT / "configs/vae/tiny.yaml")
     common = dict(ch=8, ch_mult=(2, 4, 4, 8, 8), num_res_blocks=1, num_mid_blocks=1, z_channels=48)
-    old.model = SSVAEConfig(encoder=EncoderConfig(**common), decoder=DecoderConfig(**common))
+    old.model = VAEModelConfig(encoder=EncoderConfig(**common), decoder=DecoderConfig(**common))
     old.loss.lmr.mask_probs, old.loss.lmr.block_sizes = {64: [0.7, 0.1, 0.1, 0.1]}, {64: [1, 1, 1]}
     out["anchor_old_tiny_vae"] = vae_step_time(old, 2, 9, 64, 64, args.steps, args.warmup)
     out["tiny_vae_pixels_per_s_vs_anchor"] = out["tiny_vae"]["pixels_per_s"] / out["anchor_old_tiny_vae"]["pixels_per_s"]
