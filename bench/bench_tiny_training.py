@@ -9,8 +9,8 @@ batch of its own: the speed-up is per step and per pixel trained on.
 
     python -m bench.bench_tiny_training            # prints one JSON object
 
-Seen on the 2-core CPU (2026-12-03, median of 5 steps): tiny SSVAE 0.39 s/step (36 clips x 1,024 pixels... see the
-JSON), tiny DiT 0.22 s/step (145 clips/s); the old tiny SSVAE 1.7 s per step of 2 clips at 64x64.
+Seen on the 2-core CPU (2026-12-07, 2 threads, median of 5 steps): tiny SSVAE 0.22 s/step, tiny DiT 0.17 s/step
+(188 clips/s), the old tiny SSVAE 1.02 s per step of 2 clips at 64x64 (2026-12-03: 0.39, 0.22 and 1.7 s).
 """
 from __future__ import annotations
 
