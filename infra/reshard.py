@@ -10,6 +10,11 @@ process, into ``<checkpoints>/universal/step_NNNNNN/<engine>/`` (kept beside the
 verified; a ``COMPLETE`` marker makes an interrupted conversion start again), and every rank loads from there. The
 conversion reads DeepSpeed's files weights-only (``weights_only_torch_load``), like everything else here.
 
+The conversion runs in a fresh process (``python -m infra.reshard``) with one OpenMP thread: DeepSpeed's converter
+forks worker processes, and a fork taken after torch's OpenMP thread pool has started hangs in the workers' first
+parallel torch op (GNU libgomp is not fork-safe). A run resuming with 2 threads did just that, for ever; a fresh
+one-thread process forks safely.
+
 The conversion restores parameters and optimizer states; the module's buffers (spectral norm's vectors) are copied
 from the checkpoint's model states after it (``restore_buffers``). What stays world-size free without help: the
 trainer's state (step, global data position), the EMA (``tensors.safetensors``), and the data order and random
@@ -22,6 +27,8 @@ import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -67,8 +74,6 @@ def convert_to_universal(engine_dir: Path, out: Path) -> dict:
     complete conversion is there). Returns {"seconds", "bytes"} of the conversion (seconds 0 when reused)."""
     if (out / MARKER).is_file():
         return {"seconds": 0.0, "bytes": _tree_size(out)}
-    from deepspeed.checkpoint import ds_to_universal
-
     saved_dp, saved_mp = saved_partitions(engine_dir)
     if saved_mp > 1:
         raise ReshardError(f"{engine_dir}: written with {saved_mp}-way tensor parallelism; DeepSpeed's universal "
@@ -77,11 +82,13 @@ def convert_to_universal(engine_dir: Path, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     extract_workers = max(1, min(4, os.cpu_count() or 1))  # 2 workers: 13.0 s against 18.0 s for 1 (README)
-    args = argparse.Namespace(input_folder=str(engine_dir), output_folder=str(out), num_extract_workers=extract_workers,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
     start = time.perf_counter()
-    with weights_only_torch_load():
-        ds_to_universal.main(args)
+    # A fresh one-thread process (module docstring): this one's OpenMP pool would hang the converter's forked workers.
+    cmd = [sys.executable, "-m", "infra.reshard", str(engine_dir), str(out), "--extract-workers", str(extract_workers)]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ReshardError(f"{engine_dir}: DeepSpeed's conversion to a universal checkpoint failed (exit "
+                           f"{proc.returncode}):\n{proc.stderr[-3000:]}")
     seconds = time.perf_counter() - start
     # The universal loader reads the model states (step counters) from the tag folder itself; load_universal restores
     # the module's buffers from them.
@@ -133,3 +140,24 @@ def restore_buffers(module, folder: Path) -> list[str]:
 
 def _tree_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _convert_here(engine_dir: Path, out: Path, extract_workers: int) -> None:
+    """DeepSpeed's ``ds_to_universal`` on one engine folder, reading its files weights-only; what the fresh process of
+    ``convert_to_universal`` runs."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=str(engine_dir), output_folder=str(out), num_extract_workers=extract_workers,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with weights_only_torch_load():
+        ds_to_universal.main(args)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Convert one engine's ZeRO checkpoint folder to DeepSpeed's universal "
+                                                 "checkpoint (what a resume at another data-parallel size runs)")
+    parser.add_argument("engine_dir", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--extract-workers", type=int, default=1)
+    cli = parser.parse_args()
+    _convert_here(cli.engine_dir, cli.out, cli.extract_workers)

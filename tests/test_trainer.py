@@ -15,6 +15,7 @@ from infra.schedule import learning_rate
 from run_helpers import logged_losses, start_from_checkpoint_of, steps_after
 
 HELPERS = Path(__file__).parent / "helpers"
+ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -162,3 +163,22 @@ def test_profiled_steps_write_an_operator_table_and_a_trace(tmp_path):
     assert "aten::mm" in ops and "aten::add" not in ops  # the steps in the window, and only those
     assert json.loads((tmp_path / "profile/trace.json").read_text())["traceEvents"]
     assert not StepProfiler(tmp_path / "off", first_step=0, num_steps=3).enabled
+
+
+def test_universal_conversion_from_a_process_whose_openmp_pool_runs_does_not_hang(tmp_path):
+    """A resume at another world size converts the checkpoint with DeepSpeed's converter, which forks workers. Forked
+    from a training process whose OpenMP pool had started (any run on 2+ threads), they hung for ever in their first
+    parallel op (a 2-rank VAE checkpoint resumed on 1 rank with 2 threads did); the conversion now runs in a fresh
+    one-thread process. The caller here starts its pool first, as training does; the 2-rank checkpoint's partitions
+    are large enough (hidden 16384) for the workers' copies to run in parallel."""
+    run = tmp_path / "run"
+    _run(run, "run.max_steps=1", "run.save_every=1", "hidden=16384", nproc=2)
+    engine_dir = run / "checkpoints/step_000001/model"
+    out = tmp_path / "universal"
+    probe = ("import sys, torch; from pathlib import Path; torch.set_num_threads(2); "
+             "(torch.randn(1500, 1500) @ torch.randn(1500, 1500)).sum(); "
+             "from infra.reshard import convert_to_universal; convert_to_universal(Path(sys.argv[1]), Path(sys.argv[2]))")
+    proc = subprocess.run([sys.executable, "-c", probe, str(engine_dir), str(out)], env={**ENV, "OMP_NUM_THREADS": "2"},
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "COMPLETE").is_file() and (out / "zero").is_dir()

@@ -26,12 +26,13 @@ class ToyConfig:
     nan_at_step: int = -1  # make the loss NaN at this step (tests the skip)
     step_sleep: float = 0.0  # seconds per step, to leave time to signal a running training
     branch_on_even_batches: bool = False  # a parameter only even global batches use (rank 1 of 2 never does)
+    hidden: int = 32  # width of the hidden layer (wide: ZeRO partitions large enough for torch to run in parallel)
 
 
 class ToyTask(TrainTask):
     def __init__(self, cfg: ToyConfig, dist_info):
         self.cfg, self.dist = cfg, dist_info
-        self.model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Dropout(0.1), nn.Linear(32, 1))
+        self.model = nn.Sequential(nn.Linear(8, cfg.hidden), nn.Tanh(), nn.Dropout(0.1), nn.Linear(cfg.hidden, 1))
         if cfg.branch_on_even_batches:
             self.model.register_parameter("branch", nn.Parameter(torch.zeros(1)))
         self.target = torch.randn(8, 1, generator=torch.Generator().manual_seed(1))
