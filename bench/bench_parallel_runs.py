@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from infra.child_env import python_child_env
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("vae", "dit")
 
@@ -40,8 +42,7 @@ def worker(model: str, steps: int, warmup: int) -> dict:
 
 
 def _launch(model: str, threads: int, steps: int, warmup: int) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = python_child_env(OMP_NUM_THREADS=str(threads))
     return subprocess.Popen([sys.executable, "-m", "bench.bench_parallel_runs", "--worker", model, "--steps",
                              str(steps), "--warmup", str(warmup)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             text=True)

@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+from infra.child_env import python_child_env
 from infra.weights_only import deepspeed_safe_globals, weights_only_torch_load
 
 log = logging.getLogger(__name__)
@@ -84,11 +85,12 @@ def convert_to_universal(engine_dir: Path, out: Path) -> dict:
     extract_workers = max(1, min(4, os.cpu_count() or 1))  # 2 workers: 13.0 s against 18.0 s for 1 (README)
     start = time.perf_counter()
     # A fresh one-thread process (module docstring): this one's OpenMP pool would hang the converter's forked workers.
+    # Its output (DeepSpeed's progress bars) goes to this run's log, as when it ran in-process.
     cmd = [sys.executable, "-m", "infra.reshard", str(engine_dir), str(out), "--extract-workers", str(extract_workers)]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=python_child_env(OMP_NUM_THREADS="1"))
     if proc.returncode != 0:
         raise ReshardError(f"{engine_dir}: DeepSpeed's conversion to a universal checkpoint failed (exit "
-                           f"{proc.returncode}):\n{proc.stderr[-3000:]}")
+                           f"{proc.returncode}; its output is above)")
     seconds = time.perf_counter() - start
     # The universal loader reads the model states (step counters) from the tag folder itself; load_universal restores
     # the module's buffers from them.

@@ -7,7 +7,7 @@ import pytest
 
 from infra.config import ConfigError, load_config
 from tools.stages import StageRunner, config_hash
-from tools.study_config import StudyConfig
+from tools.study_config import StudyConfig, VariantConfig
 from tools.study_report import mean_curve, reward_summary, steps_to_threshold, write_report
 
 # ------------------------------------------------------------------------------------------------------- stages
@@ -517,8 +517,6 @@ def test_vae_trainings_run_parallel_runs_at_once_for_every_variant_that_owns_a_f
     from tools.study import Study
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
-    from tools.study_config import VariantConfig
-
     cfg = load_config(StudyConfig, "configs/study/tiny.yaml", [f"output_dir={tmp_path / 'out'}"])
     assert cfg.launcher.parallel_runs == 2 and cfg.launcher.omp_threads == 2
     (tmp_path / "given").mkdir()

@@ -182,3 +182,15 @@ def test_universal_conversion_from_a_process_whose_openmp_pool_runs_does_not_han
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "COMPLETE").is_file() and (out / "zero").is_dir()
+
+
+def test_a_child_process_imports_this_checkout_from_anywhere(tmp_path, monkeypatch):
+    """``python_child_env``: the stack's root first on PYTHONPATH (before the caller's), then the overrides."""
+    from infra.child_env import ROOT as STACK_ROOT, python_child_env
+
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    env = python_child_env(OMP_NUM_THREADS="1")
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(STACK_ROOT), "/elsewhere"] and env["OMP_NUM_THREADS"] == "1"
+    proc = subprocess.run([sys.executable, "-c", "import infra.reshard, sys; print(infra.reshard.__file__)"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == str(STACK_ROOT / "infra" / "reshard.py"), proc.stderr

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from infra.child_env import python_child_env
 from infra.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,8 +143,7 @@ def fault_inject(module: str, config: str, overrides: list[str], work: Path, kil
     work = Path(work)
     if work.exists():
         shutil.rmtree(work)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = python_child_env(PYTHONUNBUFFERED="1")
     common = [*overrides, "run.log_every=1", f"run.save_every={save_every}", "run.progress_bar=false"]
     reference, faulty = work / "reference", work / "faulty"
     reference.mkdir(parents=True)

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from infra.child_env import python_child_env
 from infra.config import ConfigError, load_config, save_config, to_dict
 from infra.distributed import free_port
 from infra.preemption import EXIT_PREEMPTED
@@ -152,8 +153,7 @@ class Study:
                    "--master_port", str(free_port()), "--module", module, "--config", str(config_path)]
         else:
             cmd = [sys.executable, "-m", module, "--config", str(config_path)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-               "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = python_child_env(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
         threads = launcher.threads_per_run(runs_at_once)
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
@@ -573,9 +573,9 @@ class Study:
         owners = [v for v in self.ordered_variants() if not v.is_control]
         given = {v.name: self.stage_vae(v, data_hash) for v in owners if not v.trains_vae}
         bar.update(len(given))
-        trained = self._in_parallel({v.name: partial(self.stage_vae, v, data_hash) for v in owners if v.trains_vae},
-                                    bar)
-        return {v.name: given.get(v.name) or trained[v.name] for v in owners}
+        done = {**given, **self._in_parallel({v.name: partial(self.stage_vae, v, data_hash)
+                                              for v in owners if v.trains_vae}, bar)}
+        return {v.name: done[v.name] for v in owners}
 
     def _train_dits(self, jobs: list[tuple[VariantConfig, int]], done: dict, bar: tqdm) -> dict:
         """The DiT stage of every (variant, seed), ``launcher.parallel_runs`` at once."""
