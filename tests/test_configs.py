@@ -73,7 +73,7 @@ def test_fused_optimizer_accepts_yaml_yes_no(value, expected):
 COMPRESSION = {"baseline_256p.yaml": (4, 16, 48), "lcr_only_256p.yaml": (4, 16, 48), "lmr_only_256p.yaml": (4, 16, 48),
                "stage1_256p.yaml": (4, 16, 48), "stage2_512p.yaml": (4, 16, 48), "tiny.yaml": (4, 4, 48),
                "tiny_wan.yaml": (4, 16, 48), "tiny_cogvideox.yaml": (4, 8, 16), "tiny_ssvae.yaml": (4, 16, 48),
-               "tiny_cogvideox_shape.yaml": (4, 8, 16)}
+               "tiny_cogvideox_shape.yaml": (4, 8, 16), "tiny_ssvae_patch2.yaml": (4, 16, 48)}
 
 
 @pytest.mark.parametrize("path", VAE_CONFIGS, ids=lambda p: p.name)
@@ -92,7 +92,7 @@ def test_vae_configs_state_their_compression_and_have_it(path):
 
 
 @pytest.mark.parametrize("name", ["tiny.yaml", "tiny_wan.yaml", "tiny_cogvideox.yaml", "tiny_ssvae.yaml",
-                                  "tiny_cogvideox_shape.yaml"])
+                                  "tiny_cogvideox_shape.yaml", "tiny_ssvae_patch2.yaml"])
 def test_tiny_vae_configs_give_the_latent_shape_they_state(name):
     """The built model, not only the config arithmetic: a 9-frame clip at the training crop."""
     import torch

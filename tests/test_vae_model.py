@@ -226,3 +226,80 @@ def test_shortcut_config_errors_name_the_key(kw, key):
     with pytest.raises(ValueError, match=key):
         for part in kw.values():
             part.validate()
+
+
+def patch_config(**kw) -> SSVAEConfig:
+    """The main job's design: 2x2 pixel patches as channels (Wan 2.2's input), then 8x in space and 4x in time."""
+    common = dict(ch=12, ch_mult=(1, 2, 4), num_res_blocks=1, num_mid_blocks=1, z_channels=48,
+                  boundary_shortcuts=True, init="residual_zero", patch_size=2)
+    return SSVAEConfig(encoder=EncoderConfig(**common, temporal_downsample=(True, True), **kw),
+                       decoder=DecoderConfig(**common, temporal_upsample=(True, True)))
+
+
+def test_patchify_inverts_and_orders_channels_by_colour_then_position():
+    from vae.resample import patchify, unpatchify
+
+    x = torch.randn(2, 3, 5, 8, 12)
+    p = patchify(x, 2)
+    assert p.shape == (2, 12, 5, 4, 6)
+    assert torch.equal(unpatchify(p, 2), x)
+    # Channel 4 * c + 2 * i + j holds pixel (2y + i, 2x + j) of colour c.
+    assert torch.equal(p[:, 4 * 1 + 2 * 1 + 0], x[:, 1, :, 1::2, 0::2])
+
+
+def test_patched_vae_compresses_by_patch_times_levels_and_stays_causal():
+    torch.manual_seed(0)
+    model = SSVAE(patch_config())
+    assert model.spatial_compression == 8 and model.temporal_compression == 4
+    x = torch.rand(1, 3, 9, 16, 24) * 2 - 1
+    later = x.clone()
+    later[:, :, 5:] = torch.rand(1, 3, 4, 16, 24)
+    with torch.no_grad():
+        a, b = model.encode(x), model.encode(later)
+        assert a.shape == (1, 48, 3, 2, 3)
+        assert torch.equal(a[:, :, :2], b[:, :, :2]) and not torch.equal(a[:, :, 2], b[:, :, 2])
+        assert model.decode(a).shape == x.shape
+    with pytest.raises(ValueError, match="multiples of 8"):
+        model.encode(torch.zeros(1, 3, 5, 12, 16))
+
+
+def test_untrained_patched_vae_is_still_a_local_pooling():
+    """The shortcuts see the 2x2 patches as channels: untrained, every output pixel is a mean of pixels of its own
+    8x8 block, so a video constant on those blocks comes back exactly, and one that is not does not."""
+    torch.manual_seed(0)
+    model = SSVAE(patch_config(logvar_init=-8.0)).eval()
+    blocks = torch.rand(2, 3, 9, 2, 3) * 2 - 1
+    x = blocks.repeat_interleave(8, dim=3).repeat_interleave(8, dim=4)
+    noisy = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(model.decoder(model.posterior(x).mode()), x, atol=1e-5, rtol=0)
+        out = model.decoder(model.posterior(noisy).mode())
+    assert (out - noisy).abs().max() > 0.1
+    # Within its block's range over the clip (time is pooled too): nothing leaks in from other blocks.
+    lo = torch.nn.functional.max_pool3d(-noisy, (5, 8, 8)).neg().repeat_interleave(8, 3).repeat_interleave(8, 4)
+    hi = torch.nn.functional.max_pool3d(noisy, (5, 8, 8)).repeat_interleave(8, 3).repeat_interleave(8, 4)
+    assert bool(((out >= lo - 1e-5) & (out <= hi + 1e-5)).all())
+
+
+def test_patched_vae_saves_and_loads(tmp_path):
+    torch.manual_seed(0)
+    model = SSVAE(patch_config()).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    model.save_pretrained(tmp_path / "m")
+    again = SSVAE.from_pretrained(tmp_path / "m").eval()
+    x = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(again.decode(again.encode(x)), model.decode(model.encode(x)))
+
+
+@pytest.mark.parametrize("kw,key", [
+    (dict(decoder=DecoderConfig(patch_size=1, ch=12, ch_mult=(1, 2, 4), z_channels=48,
+                                temporal_upsample=(True, True))), "decoder.patch_size"),
+    (dict(encoder=EncoderConfig(patch_size=0, ch=12, ch_mult=(1, 2, 4), z_channels=48,
+                                temporal_downsample=(True, True))), "encoder.patch_size"),
+])
+def test_patch_config_errors_name_the_key(kw, key):
+    cfg = patch_config()
+    with pytest.raises(ValueError, match=key):
+        SSVAEConfig(encoder=kw.get("encoder", cfg.encoder), decoder=kw.get("decoder", cfg.decoder)).validate()

@@ -37,6 +37,7 @@ def _check_common(cfg: "EncoderConfig | DecoderConfig", prefix: str, temporal_ke
     check(len(temporal) == len(cfg.ch_mult) - 1, key(temporal_key),
           f"needs one entry per resampling (len(ch_mult) - 1 = {len(cfg.ch_mult) - 1}), got {len(temporal)}")
     check(cfg.init in INITS, key("init"), f"must be one of {INITS}, got {cfg.init!r}")
+    check(cfg.patch_size >= 1, key("patch_size"), f"must be >= 1, got {cfg.patch_size}")
     if cfg.norm == "groupnorm":
         widths = {cfg.ch * m for m in cfg.ch_mult} | {cfg.ch}
         bad = sorted(w for w in widths if w % 32)
@@ -71,6 +72,10 @@ class EncoderConfig:
     # Initial bias of the posterior log-variance channels (with init "residual_zero"): a small posterior noise at
     # the start lets the decoder read the latent before the KL term shapes the variance.
     logvar_init: float = 0.0
+    # Each frame's p x p pixel patches become channels before conv_in (Wan 2.2's VAE does this with p = 2): the
+    # full-resolution level then runs at half the resolution and p x p more input channels, and the spatial
+    # compression is p x 2^(len(ch_mult) - 1). 1: none (the released model).
+    patch_size: int = 1
 
     def validate(self, prefix: str = "encoder") -> None:
         check(self.in_channels >= 1, join_key(prefix, "in_channels"), f"must be >= 1, got {self.in_channels}")
@@ -78,7 +83,8 @@ class EncoderConfig:
         check(self.logvar_init == 0.0 or self.init == "residual_zero", join_key(prefix, "logvar_init"),
               f"applies with init 'residual_zero', got init {self.init!r}")
         if self.boundary_shortcuts:
-            _check_resizable(self.in_channels, self.ch, prefix, "in_channels and ch")
+            _check_resizable(self.in_channels * self.patch_size ** 2, self.ch, prefix,
+                             "in_channels x patch_size^2 and ch")
             _check_resizable(self.ch * self.ch_mult[-1], self.z_channels, prefix, "the last level's and z_channels")
 
 
@@ -102,13 +108,16 @@ class DecoderConfig:
     # down to out_channels; with init "residual_zero" the untrained decoder is a fixed un-pooling.
     boundary_shortcuts: bool = False
     init: str = "default"
+    # The encoder's patch_size: the output conv makes p x p pixels per position, shuffled back into the frame.
+    patch_size: int = 1
 
     def validate(self, prefix: str = "decoder") -> None:
         check(self.out_channels >= 1, join_key(prefix, "out_channels"), f"must be >= 1, got {self.out_channels}")
         _check_common(self, prefix, "temporal_upsample")
         if self.boundary_shortcuts:
             _check_resizable(self.z_channels, self.ch * self.ch_mult[-1], prefix, "z_channels and the first level's")
-            _check_resizable(self.ch, self.out_channels, prefix, "ch and out_channels")
+            _check_resizable(self.ch, self.out_channels * self.patch_size ** 2, prefix,
+                             "ch and out_channels x patch_size^2")
 
 
 # Released YAML keys that we accept only with these values (other values select code paths we do not implement).
@@ -171,7 +180,7 @@ class SSVAEConfig:
 
     @property
     def spatial_compression(self) -> int:
-        return 2 ** (len(self.encoder.ch_mult) - 1)
+        return self.encoder.patch_size * 2 ** (len(self.encoder.ch_mult) - 1)
 
     @property
     def temporal_compression(self) -> int:
@@ -189,6 +198,8 @@ class SSVAEConfig:
               key("decoder.temporal_upsample"), f"must undo as many time halvings as {key('encoder.temporal_downsample')}")
         check(len(self.encoder.ch_mult) == len(self.decoder.ch_mult), key("decoder.ch_mult"),
               f"must have as many levels as {key('encoder.ch_mult')}")
+        check(self.encoder.patch_size == self.decoder.patch_size, key("decoder.patch_size"),
+              f"({self.decoder.patch_size}) must equal {key('encoder.patch_size')} ({self.encoder.patch_size})")
         for name in ("latent_mean", "latent_std"):
             value = getattr(self, name)
             check(value is None or len(value) == self.z_channels, key(name),

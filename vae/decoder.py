@@ -9,7 +9,7 @@ from vae.causal_conv import CausalConv3d
 from vae.config import DecoderConfig
 from vae.encoder import residual_zero_init, run_layers
 from vae.layers import AttentionBlock, ResnetBlock, make_norm
-from vae.resample import ResidualUpsample, channel_resize
+from vae.resample import ResidualUpsample, channel_resize, unpatchify
 
 
 class DecoderLevel(nn.Module):
@@ -48,7 +48,8 @@ class Decoder(nn.Module):
                 block_in = widths[i + 1]
             self.up.append(DecoderLevel(blocks, upsample))
         self.out = nn.Sequential(
-            make_norm(config.norm, block_in), nn.SiLU(), CausalConv3d(block_in, config.out_channels, 3)
+            make_norm(config.norm, block_in), nn.SiLU(),
+            CausalConv3d(block_in, config.out_channels * config.patch_size ** 2, 3)
         )
         if config.init == "residual_zero":
             residual_zero_init(self, config.boundary_shortcuts)
@@ -72,4 +73,4 @@ class Decoder(nn.Module):
         out = self.out(h)
         if shortcuts:
             out = out + channel_resize(h, out.shape[1])
-        return out.contiguous()  # the convs run channels-last; callers get plain layout
+        return unpatchify(out, self.config.patch_size).contiguous()  # the convs run channels-last; callers get plain layout

@@ -9,7 +9,7 @@ from torch.utils.checkpoint import checkpoint
 from vae.causal_conv import CausalConv3d
 from vae.config import EncoderConfig
 from vae.layers import AttentionBlock, ResnetBlock, make_norm
-from vae.resample import ResidualDownsample, ResidualUpsample, channel_resize, zero_
+from vae.resample import ResidualDownsample, ResidualUpsample, channel_resize, patchify, zero_
 
 
 class EncoderLevel(nn.Module):
@@ -54,7 +54,7 @@ class Encoder(nn.Module):
         config.validate()
         self.config = config
         widths = [config.ch * m for m in config.ch_mult]
-        self.conv_in = CausalConv3d(config.in_channels, config.ch, 3)
+        self.conv_in = CausalConv3d(config.in_channels * config.patch_size ** 2, config.ch, 3)
         self.down = nn.ModuleList()
         block_in = config.ch
         for i, width in enumerate(widths):
@@ -92,6 +92,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ckpt = self.config.gradient_checkpointing and self.training
         shortcuts = self.config.boundary_shortcuts
+        x = patchify(x, self.config.patch_size)
         h = self.conv_in(x)
         if shortcuts:
             h = h + channel_resize(x, h.shape[1])

@@ -47,6 +47,25 @@ def channel_resize(x: torch.Tensor, out_channels: int) -> torch.Tensor:
     return x.reshape(x.shape[0], out_channels, c // out_channels, *x.shape[2:]).mean(dim=2)
 
 
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, C*p*p, T, H/p, W/p): each frame's p x p pixel patches as channels (order c, fh, fw),
+    as Wan 2.2's VAE does at its input; frame by frame, so causality is untouched."""
+    if p == 1:
+        return x
+    b, c, t, h, w = x.shape
+    x = x.view(b, c, t, h // p, p, w // p, p).permute(0, 1, 4, 6, 2, 3, 5)
+    return x.reshape(b, c * p * p, t, h // p, w // p)
+
+
+def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """The inverse of :func:`patchify`: (B, C*p*p, T, h, w) -> (B, C, T, h*p, w*p)."""
+    if p == 1:
+        return x
+    b, cpp, t, h, w = x.shape
+    x = x.view(b, cpp // (p * p), p, p, t, h, w).permute(0, 1, 4, 5, 2, 6, 3)
+    return x.reshape(b, cpp // (p * p), t, h * p, w * p)
+
+
 def zero_(layer: nn.Module) -> None:
     """Zero a conv's weight and bias: a residual branch that starts as nothing (init "residual_zero")."""
     conv = getattr(layer, "conv", layer)
