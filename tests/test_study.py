@@ -277,6 +277,16 @@ def test_shipped_study_configs_validate(monkeypatch):
         run = study.t2v_config(cfg.variants[0], cfg.seeds[0]).run
         assert run.max_steps % run.eval_every == 0, name
         assert run.eval_at_start + run.max_steps // run.eval_every >= 6, name
+    # The main job: one SSVAE at the released latent shape, its DiT shown the latents whitened, 48 tokens a clip.
+    main = load_config(StudyConfig, "configs/pipeline/tiny.yaml")
+    study = Study(main, "main")
+    (variant,) = main.variants
+    model = study.vae_config(variant).model
+    assert (model.temporal_compression, model.spatial_compression, model.z_channels) == (4, 16, 48)
+    assert variant.view == "whitened"
+    t2v = study.t2v_config(variant, main.seeds[0])
+    assert t2v.first_stage.latent_transform.endswith("ssvae/first_stage/latent_transform.safetensors")
+    assert 3 * (t2v.data.height // 16 // t2v.model.patch_size) ** 2 == 48
     tiny = load_config(StudyConfig, "configs/study/tiny.yaml")
     assert [v.name for v in tiny.variants] == ["baseline", "lcr", "lmr", "lcr_lmr", "cogvideox_shape",
                                                "baseline_white", "lcr_lmr_white", "lcr_lmr_checker"]
@@ -311,6 +321,9 @@ def test_shipped_study_configs_validate(monkeypatch):
     ("{name: c, control: {source: lcr_lmr, kind: blur}}", r"variants\[2\]\.control\.kind"),
     ("{name: c, path: /tmp, control: {source: lcr_lmr, kind: whiten}}", r"variants\[2\]\.control"),
     ("{name: c, control: {source: lcr_lmr}}", r"variants\[2\]\.control\.kind"),
+    ("{name: c, view: white}", r"variants\[2\]\.view"),
+    ("{name: c, view: whitened, control: {source: lcr_lmr, kind: checkerboard}}", r"variants\[2\]\.view"),
+    ("{name: c, view: whitened}, {name: d, control: {source: c, kind: whiten}}", r"variants\[3\]\.control\.source"),
 ])
 def test_control_errors_name_the_key(tmp_path, monkeypatch, variant, key):
     from pathlib import Path

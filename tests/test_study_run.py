@@ -32,7 +32,9 @@ def toy_study(tmp_path_factory):
             "data.num_frames=5,data.video_batch_size=2,data.image_batch_size=2,eval.write_videos=false]",
             "t2v.overrides=[run.max_steps=2,run.eval_every=1,run.save_every=0,run.progress_bar=false,"
             "data.num_frames=5,data.height=32,data.width=32,data.video_batch_size=4,sampling.steps=2]",
-            "variants=[{name: baseline, vae_overrides: [loss.lcr.enabled=false, loss.lmr.enabled=false]},"
+            # The baseline is shown to its DiT whitened (the main job's view), the others per-channel normalised.
+            "variants=[{name: baseline, view: whitened, vae_overrides: [loss.lcr.enabled=false, "
+            "loss.lmr.enabled=false]},"
             "{name: lcr_lmr}, {name: checker, control: {source: lcr_lmr, kind: checkerboard, cell: 2}}]",
         ])
         study = Study(cfg, "toy")
@@ -76,6 +78,35 @@ def test_every_variant_and_control_is_trained_scored_and_reported(toy_study):
                       out / "variants" / "checker" / "seed0" / "t2v.yaml")
     assert t2v.first_stage.latent_transform.endswith("latent_transform.safetensors")
     assert t2v.latents.cache_dir == str(out / "variants" / "checker" / "latents")
+
+
+def test_a_variant_shown_whitened_trains_its_dit_on_its_own_whitened_latents(toy_study):
+    from dit.train_config import T2VTrainConfig
+    from vae.latent_transform import load_latent_transform
+
+    study, report, out = toy_study
+    fs = out / "variants" / "baseline" / "first_stage"
+    t2v = load_config(T2VTrainConfig, out / "variants" / "baseline" / "seed0" / "t2v.yaml")
+    assert t2v.first_stage.path == str(fs)  # its own VAE, stored with its statistics
+    assert t2v.first_stage.latent_transform == str(fs / "latent_transform.safetensors")
+    assert load_latent_transform(t2v.first_stage.latent_transform).kind == "whiten"
+    measures = report["measures"]
+    assert measures["baseline"]["view"] == "whitened" and measures["lcr_lmr"]["view"] == "normalised"
+    assert measures["baseline"]["control"] is None
+    # Its DiT's latents were encoded through the transform: what the cache holds is the whitened normalised latent.
+    import torch
+
+    from dit.latent_cache import read_manifest
+    from vae.first_stage import FirstStageConfig, load_first_stage
+
+    assert read_manifest(t2v.latents.cache_dir)["first_stage"]["latent_transform"] == t2v.first_stage.latent_transform
+    shown = load_first_stage(FirstStageConfig(kind="ssvae", path=str(fs),
+                                              latent_transform=t2v.first_stage.latent_transform))
+    normalised = load_first_stage(FirstStageConfig(kind="ssvae", path=str(fs)))
+    clip = study._stats_clips(study.cfg.variant("baseline"))[:1]
+    with torch.no_grad():
+        whiten = load_latent_transform(t2v.first_stage.latent_transform)
+        torch.testing.assert_close(shown.encode(clip), whiten(normalised.encode(clip)), atol=1e-4, rtol=1e-4)
 
 
 def test_rerun_skips_every_stage_and_rewrites_the_same_report(toy_study):

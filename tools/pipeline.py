@@ -69,8 +69,9 @@ def summary_lines(study: Study, report: dict) -> list[str]:
             lines.append(f"  caption reward of its reconstructions of the prompt clips {ceiling['mean']:.3f} "
                          f"(the clips themselves {ceiling['original']:.3f}, "
                          f"{ceiling['mean'] / max(ceiling['original'], 1e-9):.2f}x)")
+        shown = f"{m['control']['kind']} control" if m.get("control") else m.get("view", "normalised")
         lines.append(f"  latent low-frequency ratio {spec['low_freq_ratio']:.2f}, effective rank "
-                     f"{spec['effective_rank']:.1f}")
+                     f"{spec['effective_rank']:.1f} (of the latents the DiT is shown: {shown})")
         chance = m.get("chance")
         lines.append(f"  DiT caption reward on {len(study.prompts()[0])} held-out prompts by step (chance "
                      f"{'-' if chance is None else f'{chance:.3f}'}): "

@@ -106,13 +106,16 @@ class Study:
     def first_stage_plan(self, variant: VariantConfig) -> tuple[str, str]:
         """(folder, latent transform file) of a variant's frozen first stage, known before it exists: a trained
         SSVAE is stored with its latent statistics under the variant, a given one is used where it is, a control
-        is its source's seen through a transform file under the control."""
+        is its source's seen through a transform file under the control, and a variant shown to the DiT whitened
+        has its own whitening file under the variant."""
         if variant.is_control:
             source, _ = self.first_stage_plan(self.cfg.variant(variant.control.source))
             return source, str(self.variant_dir(variant) / "first_stage" / "latent_transform.safetensors")
+        view = str(self.variant_dir(variant) / "first_stage" / "latent_transform.safetensors") \
+            if variant.view == "whitened" else ""
         if variant.trains_vae:
-            return str(self.variant_dir(variant) / "first_stage"), ""
-        return str(Path(variant.path).resolve()), ""
+            return str(self.variant_dir(variant) / "first_stage"), view
+        return str(Path(variant.path).resolve()), view
 
     def t2v_config(self, variant: VariantConfig, seed: int):
         from dit.train_config import T2VTrainConfig
@@ -261,16 +264,34 @@ class Study:
             clips = self._stats_clips(variant)
             stage = self._first_stage(variant, vae.outputs)
             stats = measure_latent_stats(stage, [(str(i), clip) for i, clip in enumerate(clips)], progress=False)
-            if not store:
-                return {"path": vae.outputs["model"], "stored": False, "statistics": _stats_summary(stats)}
-            if variant.kind == "ssvae":
-                store_in_ssvae_folder(vae.outputs["model"], stats, save_to=out)
-            else:  # a trained Wan / CogVideoX design: its diffusers config carries the normalisation
-                store_in_diffusers_folder(variant.kind, vae.outputs["model"], stats, save_to=out)
-            return {"path": str(out), "stored": True, "statistics": _stats_summary(stats)}
+            outputs = {"path": vae.outputs["model"], "stored": False, "statistics": _stats_summary(stats)}
+            if store:
+                if variant.kind == "ssvae":
+                    store_in_ssvae_folder(vae.outputs["model"], stats, save_to=out)
+                else:  # a trained Wan / CogVideoX design: its diffusers config carries the normalisation
+                    store_in_diffusers_folder(variant.kind, vae.outputs["model"], stats, save_to=out)
+                outputs.update(path=str(out), stored=True)
+            if variant.view == "whitened":  # fitted on the normalised latents of the same training clips
+                _, transform = self.first_stage_plan(variant)
+                outputs["latent_transform"] = self._fit_whitening(self._first_stage(variant, outputs), clips,
+                                                                  transform)
+            return outputs
 
         return self.runner.run(f"{variant.name}/first_stage", {"vae": vae.hash, "measure": dataclasses.asdict(m),
-                                                               "store": store}, measure, clean=[out])
+                                                               "store": store, **self._view_key(variant)},
+                               measure, clean=[out])
+
+    @staticmethod
+    def _view_key(variant: VariantConfig) -> dict:
+        """The view in a first stage's stage key only when it is not the default, so that markers of studies
+        run before views existed still match."""
+        return {} if variant.view == "normalised" else {"view": variant.view}
+
+    def _fit_whitening(self, first_stage, clips: torch.Tensor, path: str | Path) -> str:
+        """ZCA whitening of ``first_stage``'s latents of ``clips``, saved to ``path`` (``vae.latent_transform``)."""
+        from vae.latent_transform import ChannelWhitening
+
+        return str(ChannelWhitening.fit(self._encode(first_stage, clips)).save(path))
 
     def _first_stage(self, variant: VariantConfig, outputs: dict):
         """The frozen first stage a measured stage's outputs describe (a control's with its latent transform)."""
@@ -294,14 +315,14 @@ class Study:
         out = self.variant_dir(variant) / "first_stage"
 
         def make() -> dict:
-            from vae.latent_transform import ChannelWhitening, CheckerboardSign
+            from vae.latent_transform import CheckerboardSign
 
+            path = out / "latent_transform.safetensors"
             if c.kind == "checkerboard":
-                transform = CheckerboardSign(c.cell)
+                path = CheckerboardSign(c.cell).save(path)
             else:  # whiten with the covariance of the source's latents of training clips
-                stage = self._first_stage(source, source_fs.outputs)
-                transform = ChannelWhitening.fit(self._encode(stage, self._stats_clips(source)))
-            path = transform.save(out / "latent_transform.safetensors")
+                path = self._fit_whitening(self._first_stage(source, source_fs.outputs), self._stats_clips(source),
+                                           path)
             return {"path": source_fs.outputs["path"], "latent_transform": str(path), "stored": False,
                     "source": source.name, "statistics": source_fs.outputs["statistics"]}
 
@@ -674,6 +695,7 @@ class Study:
             measures[v] = {**measure["outputs"], "latent_statistics": fs["outputs"]["statistics"],
                            "vae_eval": vae["outputs"].get("eval", {}), "predictors": predictors["outputs"],
                            "control": dataclasses.asdict(variant.control) if variant.is_control else None,
+                           "view": variant.view,
                            "chance": next(iter(rewards.values())).get("chance")}
             walls[v] = {"vae": 0.0 if variant.is_control else vae["wall_s"], "first_stage": fs["wall_s"],
                         "measure": measure["wall_s"], "latents": latents["wall_s"] if latents else 0.0,

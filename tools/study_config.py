@@ -19,6 +19,8 @@ from tools.unified_reward import UnifiedRewardConfig
 from vae.first_stage import FIRST_STAGE_KINDS
 from vae.latent_transform import TRANSFORM_KINDS
 
+VIEWS = ("normalised", "whitened")  # how the DiT is shown a variant's latents
+
 LAUNCHERS = ("python", "deepspeed")
 REWARDS = ("caption", "unified")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -164,6 +166,11 @@ class VariantConfig:
     vae_overrides: list[str] = field(default_factory=list)  # added to vae.overrides (e.g. loss.lmr.enabled=false)
     t2v_overrides: list[str] = field(default_factory=list)  # added to t2v.overrides (e.g. first_stage.tile_size=256)
     control: ControlConfig = field(default_factory=ControlConfig)
+    # How the DiT is shown this variant's latents: "normalised" (per channel, the paper's DiT input) or "whitened"
+    # (channel-whitened with the covariance of its training latents, fitted when its first stage is frozen; the
+    # same information and reconstructions). A whitening control compares the two views; this sets the view of the
+    # variant itself (the main job's DiT trains on whitened latents: docs/STUDY.md, "The main job").
+    view: str = "normalised"
 
     @property
     def is_control(self) -> bool:
@@ -186,9 +193,12 @@ class VariantConfig:
         self.control.validate(f"{prefix}.control")
         check(not self.vae_config or Path(self.vae_config).is_file(), f"{prefix}.vae_config",
               f"{self.vae_config} is not a file")
+        check(self.view in VIEWS, f"{prefix}.view", f"must be one of {VIEWS}, got {self.view!r}")
         if self.is_control:
             check(not self.path and not self.vae_overrides, f"{prefix}.control",
                   "a control transforms its source's VAE: it takes no path and no vae_overrides")
+            check(self.view == "normalised", f"{prefix}.view",
+                  "a control's view is its transform (control.kind); leave view at 'normalised'")
 
 
 @dataclass
@@ -282,6 +292,8 @@ class StudyConfig:
                   f"{source.name!r} is itself a control; controls transform a VAE")
             check(source.kind == v.kind, f"variants[{i}].kind",
                   f"a control has its source's kind ({source.kind!r}), got {v.kind!r}")
+            check(source.view == "normalised", f"variants[{i}].control.source",
+                  f"{source.name!r} is shown to the DiT {source.view}; a control transforms normalised latents")
 
     def variant(self, name: str) -> VariantConfig:
         for v in self.variants:
