@@ -113,11 +113,12 @@ def test_released_recipe_on_several_ranks_equals_one_rank(single, several_ranks,
 
 def assert_same_export(run, reference):
     """Equal weights up to round-off: ZeRO-3 sums in another order, which Adam's 4 steps at lr 1e-3 turn into up to
-    2e-6 on a few weights (measured); a lost micro-step or buffer moves them by 1e-3."""
+    2e-6 on a few weights, and now and then 1.5e-5 on one (measured: 1 of 15552 weights, in 1 of 2 runs on 4 ranks
+    beside another test; the order varies from run to run); a lost micro-step or buffer moves them by 1e-3."""
     ours, theirs = exported(run), exported(reference)
     assert ours.keys() == theirs.keys()
     for key, value in theirs.items():
-        torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
 
 
 @pytest.mark.parametrize("direction", ["2 ranks -> 1", "1 rank -> 2"])

@@ -2,7 +2,8 @@
 
     python -m tools.pipeline --config configs/pipeline/tiny.yaml [key=value ...]
 
-It is the convergence study's machinery (``tools.study``) run on one variant, an SSVAE with LCR and LMR: generate the
+It is the convergence study's machinery (``tools.study``) run on one variant, an SSVAE at the released latent shape
+(4x16x16, 48 channels) trained with LCR, its DiT shown the latents whitened: generate the
 default data (and a held-out captioned set whose captions are the prompts), pack the real footage into shards (a
 held-out part too), train the tiny SSVAE (``vae.train``, through the deepspeed launcher), measure its per-channel
 latent statistics and store them with the model, reconstruct every real clip (PSNR/SSIM/LPIPS table, markdown + JSON),
