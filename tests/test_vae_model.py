@@ -296,7 +296,7 @@ def test_patched_vae_saves_and_loads(tmp_path):
 @pytest.mark.parametrize("kw,key", [
     (dict(decoder=DecoderConfig(patch_size=1, ch=12, ch_mult=(1, 2, 4), z_channels=48,
                                 temporal_upsample=(True, True))), "decoder.patch_size"),
-    (dict(encoder=EncoderConfig(patch_size=0, ch=12, ch_mult=(1, 2, 4), z_channels=48,
+    (dict(encoder=EncoderConfig(patch_size=3, ch=12, ch_mult=(1, 2, 4), z_channels=48,
                                 temporal_downsample=(True, True))), "encoder.patch_size"),
 ])
 def test_patch_config_errors_name_the_key(kw, key):

@@ -108,14 +108,14 @@ class Study:
         SSVAE is stored with its latent statistics under the variant, a given one is used where it is, a control
         is its source's seen through a transform file under the control, and a variant shown to the DiT whitened
         has its own whitening file under the variant."""
+        transform = str(self.variant_dir(variant) / "first_stage" / "latent_transform.safetensors")
         if variant.is_control:
             source, _ = self.first_stage_plan(self.cfg.variant(variant.control.source))
-            return source, str(self.variant_dir(variant) / "first_stage" / "latent_transform.safetensors")
-        view = str(self.variant_dir(variant) / "first_stage" / "latent_transform.safetensors") \
-            if variant.view == "whitened" else ""
+            return source, transform
+        transform = transform if variant.view == "whitened" else ""
         if variant.trains_vae:
-            return str(self.variant_dir(variant) / "first_stage"), view
-        return str(Path(variant.path).resolve()), view
+            return str(self.variant_dir(variant) / "first_stage"), transform
+        return str(Path(variant.path).resolve()), transform
 
     def t2v_config(self, variant: VariantConfig, seed: int):
         from dit.train_config import T2VTrainConfig
@@ -317,7 +317,7 @@ class Study:
         def make() -> dict:
             from vae.latent_transform import CheckerboardSign
 
-            path = out / "latent_transform.safetensors"
+            _, path = self.first_stage_plan(variant)
             if c.kind == "checkerboard":
                 path = CheckerboardSign(c.cell).save(path)
             else:  # whiten with the covariance of the source's latents of training clips

@@ -14,6 +14,7 @@ from infra.config import check, join_key
 
 NORM_KINDS = ("rmsnorm", "groupnorm")
 INITS = ("default", "residual_zero")
+PATCH_SIZES = (1, 2)  # pixels per side folded into channels at the input (2: Wan 2.2's VAE)
 
 
 def _check_resizable(a: int, b: int, prefix: str, what: str) -> None:
@@ -37,7 +38,7 @@ def _check_common(cfg: "EncoderConfig | DecoderConfig", prefix: str, temporal_ke
     check(len(temporal) == len(cfg.ch_mult) - 1, key(temporal_key),
           f"needs one entry per resampling (len(ch_mult) - 1 = {len(cfg.ch_mult) - 1}), got {len(temporal)}")
     check(cfg.init in INITS, key("init"), f"must be one of {INITS}, got {cfg.init!r}")
-    check(cfg.patch_size >= 1, key("patch_size"), f"must be >= 1, got {cfg.patch_size}")
+    check(cfg.patch_size in PATCH_SIZES, key("patch_size"), f"must be one of {PATCH_SIZES}, got {cfg.patch_size}")
     if cfg.norm == "groupnorm":
         widths = {cfg.ch * m for m in cfg.ch_mult} | {cfg.ch}
         bad = sorted(w for w in widths if w % 32)
@@ -74,8 +75,13 @@ class EncoderConfig:
     logvar_init: float = 0.0
     # Each frame's p x p pixel patches become channels before conv_in (Wan 2.2's VAE does this with p = 2): the
     # full-resolution level then runs at half the resolution and p x p more input channels, and the spatial
-    # compression is p x 2^(len(ch_mult) - 1). 1: none (the released model).
+    # compression is p x 2^(len(ch_mult) - 1). 1: none (the released model); 1 or 2.
     patch_size: int = 1
+
+    @property
+    def patched_channels(self) -> int:
+        """Channels conv_in sees: the input's, times the pixels of a patch."""
+        return self.in_channels * self.patch_size ** 2
 
     def validate(self, prefix: str = "encoder") -> None:
         check(self.in_channels >= 1, join_key(prefix, "in_channels"), f"must be >= 1, got {self.in_channels}")
@@ -83,8 +89,7 @@ class EncoderConfig:
         check(self.logvar_init == 0.0 or self.init == "residual_zero", join_key(prefix, "logvar_init"),
               f"applies with init 'residual_zero', got init {self.init!r}")
         if self.boundary_shortcuts:
-            _check_resizable(self.in_channels * self.patch_size ** 2, self.ch, prefix,
-                             "in_channels x patch_size^2 and ch")
+            _check_resizable(self.patched_channels, self.ch, prefix, "in_channels x patch_size^2 and ch")
             _check_resizable(self.ch * self.ch_mult[-1], self.z_channels, prefix, "the last level's and z_channels")
 
 
@@ -111,13 +116,17 @@ class DecoderConfig:
     # The encoder's patch_size: the output conv makes p x p pixels per position, shuffled back into the frame.
     patch_size: int = 1
 
+    @property
+    def patched_channels(self) -> int:
+        """Channels the output conv makes: the output's, times the pixels of a patch."""
+        return self.out_channels * self.patch_size ** 2
+
     def validate(self, prefix: str = "decoder") -> None:
         check(self.out_channels >= 1, join_key(prefix, "out_channels"), f"must be >= 1, got {self.out_channels}")
         _check_common(self, prefix, "temporal_upsample")
         if self.boundary_shortcuts:
             _check_resizable(self.z_channels, self.ch * self.ch_mult[-1], prefix, "z_channels and the first level's")
-            _check_resizable(self.ch, self.out_channels * self.patch_size ** 2, prefix,
-                             "ch and out_channels x patch_size^2")
+            _check_resizable(self.ch, self.patched_channels, prefix, "ch and out_channels x patch_size^2")
 
 
 # Released YAML keys that we accept only with these values (other values select code paths we do not implement).

@@ -48,8 +48,7 @@ class Decoder(nn.Module):
                 block_in = widths[i + 1]
             self.up.append(DecoderLevel(blocks, upsample))
         self.out = nn.Sequential(
-            make_norm(config.norm, block_in), nn.SiLU(),
-            CausalConv3d(block_in, config.out_channels * config.patch_size ** 2, 3)
+            make_norm(config.norm, block_in), nn.SiLU(), CausalConv3d(block_in, config.patched_channels, 3)
         )
         if config.init == "residual_zero":
             residual_zero_init(self, config.boundary_shortcuts)

@@ -54,7 +54,7 @@ class Encoder(nn.Module):
         config.validate()
         self.config = config
         widths = [config.ch * m for m in config.ch_mult]
-        self.conv_in = CausalConv3d(config.in_channels * config.patch_size ** 2, config.ch, 3)
+        self.conv_in = CausalConv3d(config.patched_channels, config.ch, 3)
         self.down = nn.ModuleList()
         block_in = config.ch
         for i, width in enumerate(widths):

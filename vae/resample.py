@@ -48,22 +48,15 @@ def channel_resize(x: torch.Tensor, out_channels: int) -> torch.Tensor:
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, C, T, H, W) -> (B, C*p*p, T, H/p, W/p): each frame's p x p pixel patches as channels (order c, fh, fw),
-    as Wan 2.2's VAE does at its input; frame by frame, so causality is untouched."""
-    if p == 1:
-        return x
-    b, c, t, h, w = x.shape
-    x = x.view(b, c, t, h // p, p, w // p, p).permute(0, 1, 4, 6, 2, 3, 5)
-    return x.reshape(b, c * p * p, t, h // p, w // p)
+    """(B, C, T, H, W) -> (B, 4C, T, H/2, W/2) for p = 2 (identity for p = 1): each frame's 2x2 pixel patches as
+    channels, as Wan 2.2's VAE does at its input. The down-sampling shortcut's space-to-channel rearrangement (order
+    c, fh, fw) without its averaging; frame by frame, so causality is untouched."""
+    return x if p == 1 else space_time_to_channel_mean(x, 4 * x.shape[1], temporal=False)
 
 
 def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
-    """The inverse of :func:`patchify`: (B, C*p*p, T, h, w) -> (B, C, T, h*p, w*p)."""
-    if p == 1:
-        return x
-    b, cpp, t, h, w = x.shape
-    x = x.view(b, cpp // (p * p), p, p, t, h, w).permute(0, 1, 4, 5, 2, 6, 3)
-    return x.reshape(b, cpp // (p * p), t, h * p, w * p)
+    """The inverse of :func:`patchify`: the up-sampling shortcut's channel-to-space rearrangement, without repeats."""
+    return x if p == 1 else channel_to_space_time(x, x.shape[1] // 4, temporal=False)
 
 
 def zero_(layer: nn.Module) -> None:
