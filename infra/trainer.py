@@ -7,6 +7,7 @@ progress bar, evaluation hooks, atomic checkpoints and exact resume.
 """
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import sys
@@ -233,6 +234,17 @@ class Trainer:
         self.logger.close()
         return result
 
+    def release(self) -> None:
+        """Free the engines now, while the process group and the interpreter are alive. DeepSpeed's autograd and
+        module hooks tie each engine to its model through C++ references that Python's collector cannot see; left to
+        the interpreter's exit, a gloo worker thread can then free a tensor after Python is gone and abort a finished
+        run (SIGABRT, "terminate called without an active exception": once in a CI run of 2-rank torchrun, ZeRO-2).
+        The trainer cannot train after this. Under ZeRO-3 a reference this does not find still keeps the engine."""
+        for engine in self.engines.values():
+            engine.destroy()  # removes DeepSpeed's hooks, the C++ side of the cycle
+        self.engines.clear()
+        self.emas.clear()
+
     def _loop(self, watch: PreemptionWatch) -> dict[str, float] | None:
         """Train to the end (returns the last evaluation) or until preempted (checkpoints, returns None)."""
         accum = self.cfg.deepspeed.gradient_accumulation_steps
@@ -355,6 +367,8 @@ def run_training(schema: type, make_task: Callable[[Any, DistInfo], TrainTask], 
                  description: str = "") -> dict[str, float]:
     """The body of every training entry point: parse, validate, start distributed, build the task, train."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not faulthandler.is_enabled():  # a rank killed by a C++ abort prints where its Python threads were
+        faulthandler.enable()
     args = parse_entry_args(argv, description)
     cfg = load_config(schema, args.config, args.overrides)
     dist = init_distributed(args.local_rank)
@@ -365,11 +379,16 @@ def run_training(schema: type, make_task: Callable[[Any, DistInfo], TrainTask], 
     task = make_task(cfg, dist)
     data_rank = dist.rank if task.data_parallel_rank is None else task.data_parallel_rank
     seed_everything(cfg.run.seed + 1000 * data_rank)
+    exit_code, trainer = 0, Trainer(cfg, task, dist)
     try:
-        result = Trainer(cfg, task, dist).fit()
+        result = trainer.fit()
     except Preempted as e:
         log.warning("%s", e)
-        shutdown_distributed()
-        sys.exit(EXIT_PREEMPTED)
+        exit_code = EXIT_PREEMPTED
+    finally:
+        trainer.release()
+    del trainer, task
     shutdown_distributed()
+    if exit_code:
+        sys.exit(exit_code)
     return result
