@@ -612,7 +612,10 @@ class Study:
         vae_inputs = ["default", "real"] + ([] if self._has_real_heldout() else ["prompts"])
         data_hash = "".join(data[k].hash for k in vae_inputs if k in data)
         done: dict[str, dict[str, StageResult | None]] = {}
-        with tqdm(total=len(cfg.variants) * (5 + 2 * len(cfg.seeds)), desc="study", unit="stage") as bar:
+        # No time-left estimate: a stage takes from a tenth of a second (a marker) to ten minutes (a VAE), so tqdm's
+        # rate extrapolation read 11 hours at the first VAE of a study that took 1 h 38 min.
+        with tqdm(total=len(cfg.variants) * (5 + 2 * len(cfg.seeds)), desc="study", unit="stage",
+                  bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} stages [{elapsed}{postfix}]") as bar:
             # The VAE trainings first, launcher.parallel_runs at a time (on 2 CPU cores two one-thread runs train
             # ~1.2x the steps per hour of one two-thread run, bench.bench_parallel_runs), then each variant's
             # measures.
