@@ -239,7 +239,9 @@ class Trainer:
         module hooks tie each engine to its model through C++ references that Python's collector cannot see; left to
         the interpreter's exit, a gloo worker thread can then free a tensor after Python is gone and abort a finished
         run (SIGABRT, "terminate called without an active exception": once in a CI run of 2-rank torchrun, ZeRO-2).
-        The trainer cannot train after this. Under ZeRO-3 a reference this does not find still keeps the engine."""
+        The trainer cannot train after this. Under ZeRO-3 the engine still lives on (DeepSpeed 0.19 keeps the top
+        module on a module-global stack, ``parameter_offload.FWD_MODULE_STACK``, and its parameters carry closures over
+        the engine's state in attributes that the collector cannot traverse)."""
         for engine in self.engines.values():
             engine.destroy()  # removes DeepSpeed's hooks, the C++ side of the cycle
         self.engines.clear()
