@@ -245,7 +245,6 @@ class Trainer:
         for engine in self.engines.values():
             engine.destroy()  # removes DeepSpeed's hooks, the C++ side of the cycle
         self.engines.clear()
-        self.emas.clear()
 
     def _loop(self, watch: PreemptionWatch) -> dict[str, float] | None:
         """Train to the end (returns the last evaluation) or until preempted (checkpoints, returns None)."""

@@ -4,6 +4,7 @@ would: the checkpoint a periodic save wrote is the one a stop writes; the stop p
 test_checkpoint_faults, test_multinode and test_reshard)."""
 import json
 import shutil
+import time
 from pathlib import Path
 
 
@@ -28,3 +29,18 @@ def start_from_checkpoint_of(whole: Path, parts: Path, step: int) -> Path:
 def steps_after(losses: dict, step: int) -> dict:
     """The entries of a {step: value} log after ``step``: what a resumed run logs itself."""
     return {s: v for s, v in losses.items() if s > step}
+
+
+def logged_steps(out: Path) -> int:
+    """How many steps the run has logged so far (0 before its metrics.jsonl exists)."""
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def wait_for(predicate, timeout: float = 60.0) -> None:
+    """Poll ``predicate`` every 0.1 s until it holds; TimeoutError after ``timeout`` seconds."""
+    end = time.time() + timeout
+    while not predicate():
+        if time.time() > end:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.1)

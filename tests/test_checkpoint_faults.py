@@ -15,7 +15,7 @@ from infra.checkpoint import (CheckpointDiskFull, CheckpointManager, RECOVERY_SC
                               write_manifest)
 from infra.distributed import free_port
 from infra.preemption import EXIT_PREEMPTED
-from run_helpers import logged_losses
+from run_helpers import logged_losses, logged_steps, wait_for
 from test_trainer import ENV, HELPERS, _run
 
 
@@ -110,26 +110,13 @@ def test_an_explicit_resume_from_a_damaged_checkpoint_is_refused(saved_run, tmp_
     assert proc.returncode != 0 and "tensors.safetensors: SHA-256 differs" in proc.stderr
 
 
-def _wait_for(predicate, timeout: float = 60.0) -> None:
-    end = time.time() + timeout
-    while not predicate():
-        if time.time() > end:
-            raise TimeoutError("condition not met in time")
-        time.sleep(0.1)
-
-
-def _logged_steps(out: Path) -> int:
-    path = out / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.is_file() else 0
-
-
 def test_sigterm_checkpoints_exits_preempted_exports_nothing_and_resumes_exactly(tmp_path):
     whole = tmp_path / "whole"
     _run(whole, "run.max_steps=30")
     out = tmp_path / "preempted"
     proc = subprocess.Popen(_cmd(out, "run.max_steps=30", "step_sleep=0.1"), env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: _logged_steps(out) >= 3)
+    wait_for(lambda: logged_steps(out) >= 3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
@@ -145,13 +132,13 @@ def test_a_trainer_whose_launcher_dies_checkpoints_and_stops(tmp_path):
     out = tmp_path / "orphan"
     launcher = subprocess.Popen(_cmd(out, "run.max_steps=400", "step_sleep=0.1", torchrun=True), env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    _wait_for(lambda: _logged_steps(out) >= 3, timeout=120)
+    wait_for(lambda: logged_steps(out) >= 3, timeout=120)
     launcher.kill()  # SIGKILL: the launcher cannot pass anything on to its trainer
     launcher.wait()
-    _wait_for(lambda: CheckpointManager(out / "checkpoints").latest() is not None, timeout=60)
-    steps_at_stop = _logged_steps(out)
+    wait_for(lambda: CheckpointManager(out / "checkpoints").latest() is not None, timeout=60)
+    steps_at_stop = logged_steps(out)
     time.sleep(1.5)
-    assert _logged_steps(out) == steps_at_stop < 400  # it stopped, it did not train on to the end
+    assert logged_steps(out) == steps_at_stop < 400  # it stopped, it did not train on to the end
     assert not (out / "export.txt").exists()
 
 

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from infra.distributed import free_port
 from infra.config import OptimizerConfig
 from infra.preemption import EXIT_PREEMPTED
 from infra.schedule import learning_rate
-from run_helpers import logged_losses, start_from_checkpoint_of, steps_after
+from run_helpers import logged_losses, logged_steps, start_from_checkpoint_of, steps_after, wait_for
 
 HELPERS = Path(__file__).parent / "helpers"
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,10 +227,7 @@ def test_the_engines_are_freed_before_the_process_group_goes(tmp_path, preempt):
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     if preempt:
-        metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.time() + 120
-        while not (metrics.is_file() and metrics.read_text().strip()):
-            assert time.time() < deadline and proc.poll() is None, "the run did not start training"
-            time.sleep(0.1)
+        wait_for(lambda: logged_steps(tmp_path / "run") >= 1 or proc.poll() is not None, timeout=120)
         proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == (EXIT_PREEMPTED if preempt else 0), out[-3000:]
