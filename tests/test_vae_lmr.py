@@ -109,3 +109,41 @@ def test_config_validation_names_key(kwargs, key):
     with pytest.raises(ValueError, match=key):
         LMRConfig(**kwargs).validate()
     LMRConfig().validate()
+
+
+def test_token_init_std_validation_names_key():
+    with pytest.raises(ValueError, match="lmr.token_init_std"):
+        LMRConfig(token_init_std=-0.1).validate()
+    LMRConfig(token_init_std=0.0).validate()
+
+
+def _built_vae(tmp_path, *overrides):
+    from infra.config import load_config
+    from vae.train import build_vae
+    from vae.train_config import VAETrainConfig
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    cfg = load_config(VAETrainConfig, root / "configs/vae/tiny_ssvae_patch2.yaml",
+                      [f"run.output_dir={tmp_path}/run", *overrides])
+    torch.manual_seed(0)
+    return build_vae(cfg)
+
+
+def test_token_init_std_scales_only_the_mask_token(tmp_path):
+    released = _built_vae(tmp_path)
+    scaled = _built_vae(tmp_path, "loss.lmr.token_init_std=0.2")
+    zero = _built_vae(tmp_path, "loss.lmr.token_init_std=0.0")
+    assert released.mask_token.abs().mean() > 0.3  # the released init: a standard normal draw
+    torch.testing.assert_close(scaled.mask_token, 0.2 * released.mask_token)
+    assert torch.count_nonzero(zero.mask_token) == 0
+    others = {k: v for k, v in released.state_dict().items() if k != "mask_token"}
+    for name, value in scaled.state_dict().items():
+        if name != "mask_token":
+            torch.testing.assert_close(value, others[name], msg=name)
+
+
+def test_token_init_std_keeps_a_loaded_token(tmp_path):
+    trained = _built_vae(tmp_path)
+    trained.save_pretrained(tmp_path / "trained")
+    loaded = _built_vae(tmp_path, f"init_from={tmp_path / 'trained'}", "loss.lmr.token_init_std=0.0")
+    torch.testing.assert_close(loaded.mask_token, trained.mask_token)

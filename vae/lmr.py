@@ -29,8 +29,17 @@ class LMRConfig:
     mask_probs: dict[int, list[float]] = field(
         default_factory=lambda: {256: [0.7, 0.1, 0.1, 0.1], 512: [0.6, 0.1, 0.15, 0.15]})
     block_sizes: dict[int, list[int]] = field(default_factory=lambda: {256: [1, 1, 1], 512: [2, 2, 2]})
+    # Standard deviation of the mask token of a model trained from scratch; None keeps the released init (a standard
+    # normal). The released latents have per-channel std ~1.2, so there the token starts on their scale; a small VAE
+    # early in training has latents of std ~0.2 and a token that Adam moves by ~lr per step, so a standard-normal
+    # token stays 4-5x larger than anything the encoder makes for the whole of a short run (docs/STUDY.md, "LMR's
+    # mask token"). Applies only to a model built without ``init_from`` (a loaded token is kept).
+    token_init_std: float | None = None
 
     def validate(self, prefix: str = "lmr") -> None:
+        if self.token_init_std is not None and not self.token_init_std >= 0:
+            raise ValueError(f"{prefix}.token_init_std: must be >= 0 (or null for the released init), "
+                             f"got {self.token_init_std}")
         if not self.mask_ratios or any(not 0.0 <= r < 1.0 for r in self.mask_ratios):
             raise ValueError(f"{prefix}.mask_ratios: must be a non-empty list of values in [0, 1), "
                              f"got {list(self.mask_ratios)}")
