@@ -578,3 +578,37 @@ def test_pooling_baseline_reproduces_what_is_constant_over_its_blocks_and_loses_
         torch.testing.assert_close(_block_means(detailed, k), clip)
     # An error of 0.1 everywhere on the [-1, 1] range: 20 log10(2 / 0.1) = 26.02 dB.
     assert float(psnr(_block_means(detailed, 16), detailed).mean()) == pytest.approx(26.02, abs=0.01)
+
+
+def test_the_manipulation_check_hinge_is_the_lcr_variants(tmp_path, monkeypatch):
+    """The baseline trains without LCR, so its own config's hinge says nothing: the hinge its statistic must be
+    below is the one the LCR variants train with, and variants at two hinges fail before anything runs."""
+    from pathlib import Path
+
+    from tools.study import Study
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    base = BASE.replace("{name: baseline}", "{name: baseline, vae_overrides: [loss.lcr.enabled=false]}")
+    study = Study(load_config(StudyConfig, _study_yaml(tmp_path, base)), "s")
+    assert study.lcr_hinge() == 0.75
+    raised = base.replace("{name: lcr_lmr}", "{name: lcr_lmr, vae_overrides: [loss.lcr.thresh=0.9]}")
+    assert Study(load_config(StudyConfig, _study_yaml(tmp_path, raised)), "s").lcr_hinge() == 0.9
+    two = raised.replace("]}]", "]}, {name: lcr, vae_overrides: [loss.lcr.thresh=0.8]}]")
+    with pytest.raises(ConfigError, match=r"different loss\.lcr\.thresh \[0\.8, 0\.9\]"):
+        Study(load_config(StudyConfig, _study_yaml(tmp_path, two)), "s")
+
+
+def test_a_vae_stage_key_leaves_out_later_options_only_at_their_defaults(monkeypatch):
+    """Finished studies' VAE markers were hashed before loss.lmr.token_init_std existed: at its default it must not
+    change the key (else every stage re-runs), and set it must (else a changed token would not re-train)."""
+    from pathlib import Path
+
+    from tools.study import _vae_stage_key
+    from vae.train_config import VAETrainConfig
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    default = _vae_stage_key(load_config(VAETrainConfig, "configs/vae/tiny_ssvae_patch2.yaml"))
+    assert "token_init_std" not in default["loss"]["lmr"] and "mask_probs" in default["loss"]["lmr"]
+    scaled = _vae_stage_key(load_config(VAETrainConfig, "configs/vae/tiny_ssvae_patch2.yaml",
+                                        ["loss.lmr.token_init_std=0.0"]))
+    assert scaled["loss"]["lmr"]["token_init_std"] == 0.0

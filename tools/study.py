@@ -76,6 +76,7 @@ class Study:
                                   f"{self.vae_configs[v.name].model.kind!r} (set both, e.g. kind: wan with "
                                   f"vae_overrides: [model.kind=wan])")
         self.t2v_configs = {(v.name, seed): self.t2v_config(v, seed) for v in cfg.variants for seed in cfg.seeds}
+        self.lcr_hinge()  # one hinge for the manipulation check, known before anything trains
 
     # ------------------------------------------------------------------------------------------------ configs
     def variant_dir(self, variant: VariantConfig) -> Path:
@@ -248,7 +249,7 @@ class Study:
             return {"model": str(Path(cfg.run.output_dir) / "model"), "trained": True,
                     "eval": _last_metrics(Path(cfg.run.output_dir) / "metrics.jsonl", "eval/")}
 
-        return self.runner.run(f"{variant.name}/vae", {"config": to_dict(cfg), "data": data_hash}, train,
+        return self.runner.run(f"{variant.name}/vae", {"config": _vae_stage_key(cfg), "data": data_hash}, train,
                                clean=[cfg.run.output_dir])
 
     def stage_first_stage(self, variant: VariantConfig, vae: StageResult) -> StageResult:
@@ -392,17 +393,27 @@ class Study:
         against the baseline's, with the paper's expectations (LCR raises local correlation and the low-frequency
         ratio, LMR the top-k share, and the baseline sits below LCR's hinge so that LCR acts)."""
         from tools.manipulation_check import ClipMoments, expectations, manipulation_check, markdown
-        from vae.lcr import LCRConfig
 
         base, files = self.cfg.baseline, {v: m.get("moments_file") for v, m in measures.items()}
         if base not in files or not all(files.values()):
             return [], None  # stages measured before the check existed
         check = manipulation_check({v: ClipMoments.load(f) for v, f in files.items()}, base, self.cfg.reward.resamples)
         regularizers = {v: {"lcr": c.loss.lcr.enabled, "lmr": c.loss.lmr.enabled} for v, c in self.vae_configs.items()}
-        hinge = (self.vae_configs[base].loss.lcr.thresh if base in self.vae_configs else LCRConfig().thresh)
-        checks = expectations(check, regularizers, hinge)
+        checks = expectations(check, regularizers, self.lcr_hinge())
         return ["## Manipulation check (the latents, before any DiT)", "", markdown(check, checks)], \
             {**check, "expectations": checks}
+
+    def lcr_hinge(self) -> float:
+        """The hinge (``loss.lcr.thresh``) the LCR variants train with, which the baseline's statistic must be below
+        for LCR to act; the baseline's own config's (or the default) when no variant trains with LCR."""
+        from vae.lcr import LCRConfig
+
+        hinges = sorted({c.loss.lcr.thresh for c in self.vae_configs.values() if c.loss.lcr.enabled})
+        if len(hinges) > 1:  # one baseline, one hinge: variants at several hinges need one study each
+            raise ConfigError(f"{self.source}: the LCR variants train with different loss.lcr.thresh {hinges}; the "
+                              f"manipulation check compares the baseline with one hinge")
+        base = self.vae_configs.get(self.cfg.baseline)
+        return hinges[0] if hinges else base.loss.lcr.thresh if base is not None else LCRConfig().thresh
 
     def _prompt_reconstructions(self, stage, grid: Path | None = None) -> dict:
         """The first stage on the prompt clips (default data of a seed never trained on): PSNR beside the pooling
@@ -752,6 +763,15 @@ class Study:
             files["json"].write_text(json.dumps(data, indent=1, default=str) + "\n")
         return {"summary": summary, "statistics": stats, "files": {k: str(v) for k, v in files.items()},
                 "spectral_plots": [str(p) for p in spectra], "measures": measures, "walls": walls}
+
+
+def _vae_stage_key(cfg) -> dict:
+    """A VAE config as its stage key: options added after studies had run are left out while at their defaults,
+    so that those studies' finished VAEs (and everything downstream of them) still match."""
+    key = to_dict(cfg)
+    if key["loss"]["lmr"].get("token_init_std") is None:
+        key["loss"]["lmr"].pop("token_init_std", None)
+    return key
 
 
 def _block_means(clips: torch.Tensor, k: int) -> torch.Tensor:
