@@ -82,8 +82,9 @@ def test_expectations_and_table():
     assert result[("base", "the baseline's LCR statistic is below the hinge 0.75 (so LCR acts)")]
     assert result[("lcr", "LCR raises local correlation")] and result[("lcr", "LCR raises the low-frequency ratio")]
     assert not result[("lmr", "LMR raises the top-4 share")]  # identical latents: nothing raised
-    # A hinge the baseline already clears fails the first expectation.
+    # A hinge the baseline already clears fails the first expectation; without LCR VAEs there is no hinge line.
     assert not expectations(check, {}, hinge=-0.5)[0]["passed"]
+    assert not [c for c in expectations(check, {"lmr": {"lmr": True}}, None) if "hinge" in c["claim"]]
     table = markdown(check, expectations(check, {"lmr": {"lmr": True}}, 0.75))
     assert "| lmr |" in table and "**no**" in table and "top-4 share" in table
     assert "Not as the paper predicts in this run: LMR raises the top-4 share, for lmr." in table

@@ -591,6 +591,8 @@ def test_the_manipulation_check_hinge_is_the_lcr_variants(tmp_path, monkeypatch)
     base = BASE.replace("{name: baseline}", "{name: baseline, vae_overrides: [loss.lcr.enabled=false]}")
     study = Study(load_config(StudyConfig, _study_yaml(tmp_path, base)), "s")
     assert study.lcr_hinge() == 0.75
+    no_lcr = base.replace("{name: lcr_lmr}", "{name: lmr, vae_overrides: [loss.lcr.enabled=false]}")
+    assert Study(load_config(StudyConfig, _study_yaml(tmp_path, no_lcr)), "s").lcr_hinge() is None
     raised = base.replace("{name: lcr_lmr}", "{name: lcr_lmr, vae_overrides: [loss.lcr.thresh=0.9]}")
     assert Study(load_config(StudyConfig, _study_yaml(tmp_path, raised)), "s").lcr_hinge() == 0.9
     two = raised.replace("]}]", "]}, {name: lcr, vae_overrides: [loss.lcr.thresh=0.8]}]")

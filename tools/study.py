@@ -403,17 +403,14 @@ class Study:
         return ["## Manipulation check (the latents, before any DiT)", "", markdown(check, checks)], \
             {**check, "expectations": checks}
 
-    def lcr_hinge(self) -> float:
+    def lcr_hinge(self) -> float | None:
         """The hinge (``loss.lcr.thresh``) the LCR variants train with, which the baseline's statistic must be below
-        for LCR to act; the baseline's own config's (or the default) when no variant trains with LCR."""
-        from vae.lcr import LCRConfig
-
+        for LCR to act; None when no variant trains with LCR."""
         hinges = sorted({c.loss.lcr.thresh for c in self.vae_configs.values() if c.loss.lcr.enabled})
         if len(hinges) > 1:  # one baseline, one hinge: variants at several hinges need one study each
             raise ConfigError(f"{self.source}: the LCR variants train with different loss.lcr.thresh {hinges}; the "
                               f"manipulation check compares the baseline with one hinge")
-        base = self.vae_configs.get(self.cfg.baseline)
-        return hinges[0] if hinges else base.loss.lcr.thresh if base is not None else LCRConfig().thresh
+        return hinges[0] if hinges else None
 
     def _prompt_reconstructions(self, stage, grid: Path | None = None) -> dict:
         """The first stage on the prompt clips (default data of a seed never trained on): PSNR beside the pooling
