@@ -142,8 +142,14 @@ def test_token_init_std_scales_only_the_mask_token(tmp_path):
             torch.testing.assert_close(value, others[name], msg=name)
 
 
-def test_token_init_std_keeps_a_loaded_token(tmp_path):
-    trained = _built_vae(tmp_path)
-    trained.save_pretrained(tmp_path / "trained")
-    loaded = _built_vae(tmp_path, f"init_from={tmp_path / 'trained'}", "loss.lmr.token_init_std=0.0")
-    torch.testing.assert_close(loaded.mask_token, trained.mask_token)
+@pytest.mark.parametrize("overrides, message", [
+    (["init_from=runs/some_export"], "model built from scratch, but init_from is 'runs/some_export'"),
+    (["loss.lmr.enabled=false"], "loss.lmr.enabled is false"),
+])
+def test_token_init_std_needs_a_fresh_model_that_trains_lmr(tmp_path, overrides, message):
+    """A loaded token (ours, the released one, or one a diffusers loader makes afresh) is not what the option
+    initialises, and without LMR the token is never used: both are refused at load, naming the key."""
+    from infra.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"loss\.lmr\.token_init_std.*" + message.replace("(", r"\(")):
+        _built_vae(tmp_path, "loss.lmr.token_init_std=0.0", *overrides)

@@ -33,7 +33,7 @@ class LMRConfig:
     # normal). The released latents have per-channel std ~1.2, so there the token starts on their scale; a small VAE
     # early in training has latents of std ~0.2 and a token that Adam moves by ~lr per step, so a standard-normal
     # token stays 4-5x larger than anything the encoder makes for the whole of a short run (docs/STUDY.md, "LMR's
-    # mask token"). Applies only to a model built without ``init_from`` (a loaded token is kept).
+    # mask token"). Only for a model built from scratch, with LMR on (the training config checks both).
     token_init_std: float | None = None
 
     def validate(self, prefix: str = "lmr") -> None:

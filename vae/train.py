@@ -107,7 +107,7 @@ def build_vae(cfg: VAETrainConfig) -> SSVAE | DiffusersVAE:
         vae.encoder.requires_grad_(False)
     if not cfg.loss.lmr.enabled:  # the token then never reaches the loss: nothing to train, nothing to reduce
         vae.mask_token.requires_grad_(False)
-    elif cfg.loss.lmr.token_init_std is not None and not source:
+    elif cfg.loss.lmr.token_init_std is not None:  # the config allows it only without init_from
         # Scale the model's own standard-normal draw rather than drawing again, so every other initial weight, and
         # the token's direction, stay what they are without this option.
         with torch.no_grad():

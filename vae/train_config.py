@@ -125,6 +125,14 @@ class VAETrainConfig:
         check(self.model.kind == "ssvae" or not self.model.encoder.frozen, key("model.encoder.frozen"),
               f"freezes the SSVAE's encoder; model.kind is {self.model.kind!r}")
         self._check_latent_fits_the_regularizers(key)
+        if self.loss.lmr.token_init_std is not None:
+            check(self.loss.lmr.enabled, key("loss.lmr.token_init_std"),
+                  "scales LMR's mask token, but loss.lmr.enabled is false: set it to null or turn LMR on")
+            # A loaded model's token is its own (ours, the released one), or a fresh one its loader made (diffusers
+            # designs): rescaling it either way would not be the initialisation the option names.
+            check(not self.init_from, key("loss.lmr.token_init_std"),
+                  f"sets the mask token of a model built from scratch, but init_from is {self.init_from!r}: set "
+                  f"it to null, or leave init_from empty")
         if self.loss.lcr.enabled:
             check(not self.model.encoder.frozen, key("loss.lcr.enabled"),
                   "LCR trains the encoder; it must be off when model.encoder.frozen is true (stage 2)")
