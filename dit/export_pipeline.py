@@ -51,9 +51,6 @@ def build_pipeline(cfg: T2VTrainConfig, dit_folder: str | Path):
     if first.kind != "ssvae":
         raise ConfigError(f"first_stage.kind: the pipeline export supports our SSVAE only, got {first.kind!r} (a "
                           f"Wan or CogVideoX VAE run can use diffusers' own pipelines)")
-    if first.latent_transform:
-        raise ConfigError(f"first_stage.latent_transform: {first.latent_transform}: runs on transformed latents (the "
-                          f"study's spectral controls) are not exported")
     if not (Path(dit_folder) / "config.json").is_file():
         raise FileNotFoundError(f"{dit_folder} is not a diffusers transformer folder (no config.json); a finished run "
                                 f"writes one to <output_dir>/dit")
@@ -64,12 +61,26 @@ def build_pipeline(cfg: T2VTrainConfig, dit_folder: str | Path):
     encoder = build_text_encoder(cfg.text_encoder)
     transformer = CogVideoXTransformer3DModel.from_pretrained(str(dit_folder))
     frames, height, width = cfg.sample_shape()
+    transform = latent_transform_config(first.latent_transform) if first.latent_transform else None
     return SSVAECogVideoXPipeline(
         tokenizer=encoder.tokenizer, text_encoder=encoder.model, vae=vae, transformer=transformer,
         scheduler=make_scheduler(cfg.sampling.sampler, cfg.diffusion.schedule),
         max_text_length=cfg.text_encoder.max_length, text_encoder_mask=bool(encoder.mask_padding),
         text_mask=uses_text_mask(cfg, encoder), num_frames=frames, height=height, width=width,
-        fps=float(cfg.sample_fps()))
+        fps=float(cfg.sample_fps()), latent_transform=transform)
+
+
+def latent_transform_config(path: str | Path) -> dict:
+    """The pipeline config entry of a latent transform file (``vae.latent_transform``): what undoing it needs, as
+    JSON (float32 values round-trip exactly through JSON's doubles)."""
+    from vae.latent_transform import ChannelWhitening, CheckerboardSign, load_latent_transform
+
+    transform = load_latent_transform(path)
+    if isinstance(transform, CheckerboardSign):
+        return {"kind": "checkerboard", "cell": transform.cell}
+    if isinstance(transform, ChannelWhitening):
+        return {"kind": "whiten", "mean": transform.mean.tolist(), "inverse_matrix": transform.inverse_matrix.tolist()}
+    raise ConfigError(f"first_stage.latent_transform: {path}: a {transform.kind!r} transform cannot be exported")
 
 
 def export_pipeline(cfg: T2VTrainConfig, dit_folder: str | Path, out: str | Path) -> Path:

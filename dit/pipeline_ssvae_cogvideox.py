@@ -16,7 +16,10 @@ Why not diffusers' ``CogVideoXPipeline``, whose transformer (``CogVideoXTransfor
 - a DiT trained with masked text padding (the CPU-scale MiniLM runs) must see the same key mask: it reaches
   diffusers' CogVideoX attention processor as ``attention_kwargs["attention_mask"]``;
 - the text encoder can be any transformers encoder (T5 at full scale, MiniLM at CPU scale), run with or without its
-  padding mask as the training ran it.
+  padding mask as the training ran it;
+- a DiT trained on transformed latents (``first_stage.latent_transform``: the channel whitening the main job's DiT
+  sees, or the study's checkerboard) samples in that space: ``latent_transform`` in this pipeline's config holds the
+  transform's inverse (for whitening, the mean and the 48x48 inverse matrix, as JSON), undone before de-normalising.
 """
 from __future__ import annotations
 
@@ -32,6 +35,26 @@ from diffusers.pipelines.cogvideo.pipeline_output import CogVideoXPipelineOutput
 from diffusers.video_processor import VideoProcessor
 
 OUTPUT_TYPES = ("pt", "np", "pil", "latent")
+TRANSFORM_KINDS = ("whiten", "checkerboard")
+
+
+def check_latent_transform(transform: Optional[dict], channels: int) -> None:
+    """Raise ValueError naming what is wrong with a ``latent_transform`` config entry (None: no transform)."""
+    if transform is None:
+        return
+    kind = transform.get("kind") if isinstance(transform, dict) else None
+    if kind not in TRANSFORM_KINDS:
+        raise ValueError(f"latent_transform.kind: must be one of {TRANSFORM_KINDS}, got {kind!r}")
+    if kind == "checkerboard":
+        if not isinstance(transform.get("cell"), int) or transform["cell"] < 1:
+            raise ValueError(f"latent_transform.cell: a checkerboard needs a cell of >= 1 latent positions, got "
+                             f"{transform.get('cell')!r}")
+        return
+    mean, matrix = transform.get("mean"), transform.get("inverse_matrix")
+    if not isinstance(mean, list) or len(mean) != channels:
+        raise ValueError(f"latent_transform.mean: needs {channels} values (one per latent channel)")
+    if not isinstance(matrix, list) or len(matrix) != channels or any(len(row) != channels for row in matrix):
+        raise ValueError(f"latent_transform.inverse_matrix: needs {channels}x{channels} values")
 
 
 def dynamic_guidance(guidance: float, step_index: int, num_steps: int) -> float:
@@ -53,12 +76,14 @@ class SSVAECogVideoXPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
 
     def __init__(self, tokenizer, text_encoder, vae, transformer, scheduler, max_text_length: int = 226,
                  text_encoder_mask: bool = False, text_mask: bool = False, num_frames: int = 49, height: int = 480,
-                 width: int = 720, fps: float = 8.0):
+                 width: int = 720, fps: float = 8.0, latent_transform: Optional[dict] = None):
         super().__init__()
         self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                               scheduler=scheduler)
+        check_latent_transform(latent_transform, transformer.config.in_channels)
         self.register_to_config(max_text_length=max_text_length, text_encoder_mask=text_encoder_mask,
-                                text_mask=text_mask, num_frames=num_frames, height=height, width=width, fps=fps)
+                                text_mask=text_mask, num_frames=num_frames, height=height, width=width, fps=fps,
+                                latent_transform=latent_transform)
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae.spatial_compression_ratio)
 
     # ---- text ---------------------------------------------------------------------------------------------------
@@ -84,13 +109,27 @@ class SSVAECogVideoXPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
 
     def _denormalize(self, latents: torch.Tensor) -> torch.Tensor:
         """Transformer latents (B, F, C, h, w), normalised per channel -> the VAE's raw latents (B, C, F, h, w)."""
-        z = latents.permute(0, 2, 1, 3, 4)
+        z = self._untransform(latents.permute(0, 2, 1, 3, 4))
         mean, std = self.vae.config.latents_mean, self.vae.config.latents_std
         if mean is None or std is None:
             raise ValueError("the VAE's config has no latents_mean / latents_std: the DiT was trained on normalised "
                              "latents, so the VAE folder must carry their statistics (vae.convert_diffusers writes them)")
         shape = (1, -1, 1, 1, 1)
         return z * torch.tensor(std, device=z.device).view(shape) + torch.tensor(mean, device=z.device).view(shape)
+
+    def _untransform(self, z: torch.Tensor) -> torch.Tensor:
+        """The inverse of the latent transform the DiT was trained behind (``vae.latent_transform``), on (B, C, F, h,
+        w); the identity without one."""
+        transform = self.config.latent_transform
+        if transform is None:
+            return z
+        if transform["kind"] == "checkerboard":  # its own inverse
+            rows = torch.arange(z.shape[-2], device=z.device) // transform["cell"]
+            cols = torch.arange(z.shape[-1], device=z.device) // transform["cell"]
+            return z * (1 - 2 * ((rows[:, None] + cols[None, :]) % 2)).to(z.dtype)
+        matrix = torch.tensor(transform["inverse_matrix"], dtype=torch.float32, device=z.device).to(z.dtype)
+        mean = torch.tensor(transform["mean"], dtype=torch.float32, device=z.device).to(z.dtype)
+        return torch.einsum("dc,bcfhw->bdfhw", matrix, z) + mean.view(1, -1, 1, 1, 1)
 
     def _rotary_embedding(self, frames: int, h: int, w: int, device: torch.device):
         """The 3D RoPE of diffusers' CogVideoX pipelines for a latent grid (None for sin-cos transformers)."""
@@ -161,7 +200,7 @@ class SSVAECogVideoXPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         to ``batch_size`` prompts together; the stochastic DPM++ one draws from each prompt's generator at every
         step, one prompt at a time. Without ``negative_prompt`` the unconditional branch is zero text states.
         ``output_type``: "np" (B, T, H, W, 3) or "pt" (B, T, 3, H, W) in [0, 1], "pil", or "latent" (the
-        normalised latents).
+        normalised latents, in the latent transform's space when there is one).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")

@@ -34,8 +34,6 @@ def our_videos(cfg, dit_folder):
 
 
 def test_exported_pipeline_runs_without_our_code_and_equals_our_sampler(lora_runs, lora_whole, tmp_path):
-    from safetensors.torch import load_file
-
     from dit.export_pipeline import export_pipeline
     from dit.train_config import T2VTrainConfig
 
@@ -48,18 +46,8 @@ def test_exported_pipeline_runs_without_our_code_and_equals_our_sampler(lora_run
     assert index["text_mask"] is True  # MiniLM runs mask text padding: the pipeline must too
     assert (folder / "vae/autoencoder_kl_ssvae.py").is_file() and not (tmp_path / "pipe.partial").exists()
 
-    s = cfg.sampling
-    out = tmp_path / "videos.safetensors"
-    cmd = [sys.executable, "-I", str(HELPER), str(folder), str(out), "--seed", str(s.seed), "--steps", str(s.steps),
-           "--guidance", str(s.guidance), "--lora", str(lora_whole / "lora")]
-    for prompt in s.prompts:
-        cmd += ["--prompt", prompt]
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("PYTHONPATH", None)
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "ok (2, 9, 3, 32, 32)" in proc.stdout
-    theirs = load_file(str(out))
+    theirs = _run_exported(folder, cfg, tmp_path, ["--lora", str(lora_whole / "lora")])
+    assert tuple(theirs["videos"].shape) == (2, 9, 3, 32, 32)
 
     base = our_videos(cfg, root / "base/dit")
     assert base.std() > 0.01  # a video, not a constant
@@ -72,6 +60,69 @@ def test_exported_pipeline_runs_without_our_code_and_equals_our_sampler(lora_run
         assert (tmp_path / "videos.mp4").stat().st_size > 0
 
 
+def _run_exported(folder, cfg, tmp_path, extra=()):
+    """The helper's videos of an exported folder, in a fresh process without our packages."""
+    from safetensors.torch import load_file
+
+    s = cfg.sampling
+    out = tmp_path / "videos.safetensors"
+    cmd = [sys.executable, "-I", str(HELPER), str(folder), str(out), "--seed", str(s.seed), "--steps", str(s.steps),
+           "--guidance", str(s.guidance), *extra]
+    for prompt in s.prompts:
+        cmd += ["--prompt", prompt]
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return load_file(str(out))
+
+
+def test_runs_on_transformed_latents_export_and_equal_our_sampler(lora_runs, tmp_path):
+    """The main job's DiT trains on whitened latents (the study's controls also on checkerboarded ones): the pipeline
+    must undo the same transform before decoding, from its own config, without our code."""
+    from dit.export_pipeline import build_pipeline, export_pipeline
+    from dit.train_config import T2VTrainConfig
+    from vae.latent_transform import ChannelWhitening, CheckerboardSign
+
+    _, root = lora_runs
+    channels = json.loads((root / "base/dit/config.json").read_text())["in_channels"]
+    generator = torch.Generator().manual_seed(0)
+    mixing = torch.randn(channels, channels, generator=generator)  # correlated channels: a whitening that mixes
+    latents = torch.einsum("dc,bcfhw->bdfhw", mixing, torch.randn(8, channels, 3, 4, 4, generator=generator)) + 0.5
+    whiten = ChannelWhitening.fit(latents).save(tmp_path / "whiten.safetensors")
+    cfg = load_config(T2VTrainConfig, root / "base/config.yaml", [f"first_stage.latent_transform={whiten}"])
+    folder = export_pipeline(cfg, root / "base/dit", tmp_path / "pipe")
+    stored = json.loads((folder / "model_index.json").read_text())["latent_transform"]
+    assert stored["kind"] == "whiten" and len(stored["inverse_matrix"]) == channels
+    theirs = _run_exported(folder, cfg, tmp_path)["videos"]
+    ours = our_videos(cfg, root / "base/dit")
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+    plain = our_videos(load_config(T2VTrainConfig, root / "base/config.yaml"), root / "base/dit")
+    assert (ours - plain).abs().max() > 1e-2  # the transform changes what the same DiT's samples decode to
+
+    checker = CheckerboardSign(2).save(tmp_path / "checker.safetensors")
+    cfg = load_config(T2VTrainConfig, root / "base/config.yaml", [f"first_stage.latent_transform={checker}"])
+    pipe = build_pipeline(cfg, root / "base/dit")
+    s = cfg.sampling
+    frames = pipe(s.prompts, seed=s.seed, num_inference_steps=s.steps, guidance_scale=s.guidance,
+                  output_type="pt").frames
+    torch.testing.assert_close(frames, our_videos(cfg, root / "base/dit"), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("transform, message", [
+    ({"kind": "rotate"}, r"latent_transform\.kind: must be one of"),
+    ({"kind": "checkerboard", "cell": 0}, r"latent_transform\.cell"),
+    ({"kind": "whiten", "mean": [0.0] * 3, "inverse_matrix": [[1.0] * 4] * 4}, r"latent_transform\.mean: needs 4"),
+    ({"kind": "whiten", "mean": [0.0] * 4, "inverse_matrix": [[1.0] * 3] * 4},
+     r"latent_transform\.inverse_matrix: needs 4x4"),
+])
+def test_a_bad_latent_transform_entry_names_its_key(transform, message):
+    from dit.pipeline_ssvae_cogvideox import check_latent_transform
+
+    with pytest.raises(ValueError, match=message):
+        check_latent_transform(transform, 4)
+
+
 def test_export_refuses_runs_it_cannot_represent(lora_runs, tmp_path):
     from dit.export_pipeline import export_pipeline
     from dit.train_config import T2VTrainConfig
@@ -80,7 +131,7 @@ def test_export_refuses_runs_it_cannot_represent(lora_runs, tmp_path):
     transform = tmp_path / "transform.safetensors"
     transform.write_bytes(b"")
     cfg = load_config(T2VTrainConfig, root / "base/config.yaml", [f"first_stage.latent_transform={transform}"])
-    with pytest.raises(ConfigError, match=r"first_stage\.latent_transform: .* not exported"):
+    with pytest.raises(ValueError, match=r"latent transform .*transform\.safetensors cannot be read"):
         export_pipeline(cfg, root / "base/dit", tmp_path / "pipe")
     cfg = load_config(T2VTrainConfig, root / "base/config.yaml")
     with pytest.raises(FileNotFoundError, match=r"no_dit is not a diffusers transformer folder"):
