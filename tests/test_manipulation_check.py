@@ -85,6 +85,9 @@ def test_expectations_and_table():
     # A hinge the baseline already clears fails the first expectation; without LCR VAEs there is no hinge line.
     assert not expectations(check, {}, hinge=-0.5)[0]["passed"]
     assert not [c for c in expectations(check, {"lmr": {"lmr": True}}, None) if "hinge" in c["claim"]]
+    two = [c["claim"] for c in expectations(check, {}, [0.8, 0.9])]
+    assert two == ["the baseline's LCR statistic is below the hinge 0.8 (so LCR acts)",
+                   "the baseline's LCR statistic is below the hinge 0.9 (so LCR acts)"]
     table = markdown(check, expectations(check, {"lmr": {"lmr": True}}, 0.75))
     assert "| lmr |" in table and "**no**" in table and "top-4 share" in table
     assert "Not as the paper predicts in this run: LMR raises the top-4 share, for lmr." in table

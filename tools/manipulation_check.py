@@ -21,7 +21,7 @@ hinge (so LCR acts), LCR raises local correlation and the spatial low-frequency 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -154,13 +154,16 @@ def manipulation_check(moments: dict[str, ClipMoments], baseline: str, resamples
     return result
 
 
-def expectations(check: dict, regularizers: dict[str, dict[str, bool]], hinge: float | None) -> list[dict]:
+def expectations(check: dict, regularizers: dict[str, dict[str, bool]],
+                 hinge: float | Sequence[float] | None) -> list[dict]:
     """The paper's predictions as pass/fail lines: ``regularizers`` maps a VAE to {"lcr": on?, "lmr": on?};
-    ``hinge`` is the one the LCR VAEs train with (None: no VAE trains with LCR, so there is no hinge to be below)."""
+    ``hinge``: the one the LCR VAEs train with, or one per distinct hinge (None or empty: no VAE trains with LCR, so
+    there is no hinge to be below)."""
     vaes, base = check["vaes"], check["baseline"]
-    out = [] if hinge is None else [
-        {"claim": f"the baseline's LCR statistic is below the hinge {hinge:g} (so LCR acts)",
-         "vae": base, "passed": vaes[base]["lcr"]["interval"][1] < hinge, "evidence": vaes[base]["lcr"]}]
+    hinges = [] if hinge is None else [hinge] if isinstance(hinge, (int, float)) else list(hinge)
+    out = [{"claim": f"the baseline's LCR statistic is below the hinge {h:g} (so LCR acts)",
+            "vae": base, "passed": vaes[base]["lcr"]["interval"][1] < h, "evidence": vaes[base]["lcr"]}
+           for h in hinges]
     for name, row in vaes.items():
         on = regularizers.get(name, {})
         wanted = ([("lcr", "LCR raises local correlation"), ("low_freq_ratio", "LCR raises the low-frequency ratio")]

@@ -76,7 +76,6 @@ class Study:
                                   f"{self.vae_configs[v.name].model.kind!r} (set both, e.g. kind: wan with "
                                   f"vae_overrides: [model.kind=wan])")
         self.t2v_configs = {(v.name, seed): self.t2v_config(v, seed) for v in cfg.variants for seed in cfg.seeds}
-        self.lcr_hinge()  # one hinge for the manipulation check, known before anything trains
 
     # ------------------------------------------------------------------------------------------------ configs
     def variant_dir(self, variant: VariantConfig) -> Path:
@@ -399,18 +398,15 @@ class Study:
             return [], None  # stages measured before the check existed
         check = manipulation_check({v: ClipMoments.load(f) for v, f in files.items()}, base, self.cfg.reward.resamples)
         regularizers = {v: {"lcr": c.loss.lcr.enabled, "lmr": c.loss.lmr.enabled} for v, c in self.vae_configs.items()}
-        checks = expectations(check, regularizers, self.lcr_hinge())
+        checks = expectations(check, regularizers, self.lcr_hinges())
         return ["## Manipulation check (the latents, before any DiT)", "", markdown(check, checks)], \
             {**check, "expectations": checks}
 
-    def lcr_hinge(self) -> float | None:
-        """The hinge (``loss.lcr.thresh``) the LCR variants train with, which the baseline's statistic must be below
-        for LCR to act; None when no variant trains with LCR."""
-        hinges = sorted({c.loss.lcr.thresh for c in self.vae_configs.values() if c.loss.lcr.enabled})
-        if len(hinges) > 1:  # one baseline, one hinge: variants at several hinges need one study each
-            raise ConfigError(f"{self.source}: the LCR variants train with different loss.lcr.thresh {hinges}; the "
-                              f"manipulation check compares the baseline with one hinge")
-        return hinges[0] if hinges else None
+    def lcr_hinges(self) -> list[float]:
+        """The hinges (``loss.lcr.thresh``) the variants other than the baseline train LCR with: the baseline's
+        statistic must be below each for LCR to act there (none: no LCR variant, no hinge to check)."""
+        return sorted({c.loss.lcr.thresh for name, c in self.vae_configs.items()
+                       if c.loss.lcr.enabled and name != self.cfg.baseline})
 
     def _prompt_reconstructions(self, stage, grid: Path | None = None) -> dict:
         """The first stage on the prompt clips (default data of a seed never trained on): PSNR beside the pooling
@@ -713,6 +709,26 @@ class Study:
                         "dit": sum(dit_walls) / len(dit_walls), "dit_per_seed": dit_walls}
         return self.write_report(curves, measures, walls, tables=tables)
 
+    def recipe_lines(self) -> list[str]:
+        """What each variant is, in the report's setup: its VAE recipe (the shared template and overrides, then its
+        own changes), or the folder it is given, or the control it is of, and how the DiT is shown it; so a reader
+        sees every departure from the released recipe where the results are."""
+        cfg = self.cfg
+        lines = [f"- VAE recipe of every trained variant: `{cfg.vae.config}` with {_code(cfg.vae.overrides)}; DiT: "
+                 f"`{cfg.t2v.config}` with {_code(cfg.t2v.overrides)}; each variant's own changes:"]
+        for v in cfg.variants:
+            if v.is_control:
+                what = f"{v.control.kind} control of `{v.control.source}`" + (
+                    f" (cell {v.control.cell})" if v.control.kind == "checkerboard" else "")
+            elif v.path:
+                what = f"given {v.kind} first stage `{v.path}`"
+            else:
+                what = (f"VAE `{v.vae_config}`; " if v.vae_config else "") + f"VAE {_code(v.vae_overrides)}"
+            extras = ([f"DiT {_code(v.t2v_overrides)}"] if v.t2v_overrides else []) + (
+                [f"shown {v.view}"] if v.view != "normalised" else [])
+            lines.append(f"  - {v.name}: " + "; ".join([what, *extras]))
+        return lines
+
     def write_report(self, curves: dict, measures: dict, walls: dict, sections: list[str] = (),
                      tables: dict | None = None) -> dict:
         from tools.spectral import plot_spectra
@@ -751,7 +767,8 @@ class Study:
                  f"- DiT trainings: {cfg.launcher.parallel_runs} at a time"
                  + (f", {cfg.launcher.threads_per_run(cfg.launcher.parallel_runs)} thread(s) each (a DiT train time "
                     "is that of one run sharing the machine)" if cfg.launcher.parallel_runs > 1 else ""),
-                 f"- stage markers: `{self.runner.root}`; per-variant outputs: `{self.out / 'variants'}`", "",
+                 f"- stage markers: `{self.runner.root}`; per-variant outputs: `{self.out / 'variants'}`",
+                 *self.recipe_lines(), "",
                  *sections]
         files = write_report(report_dir, "Convergence study", summary, curves, measures, walls, extra)
         if stats is not None or check is not None:
@@ -760,6 +777,10 @@ class Study:
             files["json"].write_text(json.dumps(data, indent=1, default=str) + "\n")
         return {"summary": summary, "statistics": stats, "files": {k: str(v) for k, v in files.items()},
                 "spectral_plots": [str(p) for p in spectra], "measures": measures, "walls": walls}
+
+
+def _code(items) -> str:
+    return ", ".join(f"`{item}`" for item in items) or "none"
 
 
 def _vae_stage_key(cfg) -> dict:
