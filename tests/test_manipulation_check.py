@@ -78,21 +78,21 @@ def test_expectations_and_table():
     check = manipulation_check({"base": ClipMoments.of(x), "lcr": ClipMoments.of(_spatially_smoothed(x)),
                                 "lmr": ClipMoments.of(x)}, "base", resamples=200)
     result = {(c["vae"], c["claim"]): c["passed"]
-              for c in expectations(check, {"lcr": {"lcr": True}, "lmr": {"lmr": True}}, hinge=0.75)}
+              for c in expectations(check, {"lcr": {"lcr": True}, "lmr": {"lmr": True}}, [0.75])}
     assert result[("base", "the baseline's LCR statistic is below the hinge 0.75 (so LCR acts)")]
     assert result[("lcr", "LCR raises local correlation")] and result[("lcr", "LCR raises the low-frequency ratio")]
     assert not result[("lmr", "LMR raises the top-4 share")]  # identical latents: nothing raised
     # A hinge the baseline already clears fails the first expectation; without LCR VAEs there is no hinge line.
-    assert not expectations(check, {}, hinge=-0.5)[0]["passed"]
-    assert not [c for c in expectations(check, {"lmr": {"lmr": True}}, None) if "hinge" in c["claim"]]
+    assert not expectations(check, {}, [-0.5])[0]["passed"]
+    assert not [c for c in expectations(check, {"lmr": {"lmr": True}}, []) if "hinge" in c["claim"]]
     two = [c["claim"] for c in expectations(check, {}, [0.8, 0.9])]
     assert two == ["the baseline's LCR statistic is below the hinge 0.8 (so LCR acts)",
                    "the baseline's LCR statistic is below the hinge 0.9 (so LCR acts)"]
-    table = markdown(check, expectations(check, {"lmr": {"lmr": True}}, 0.75))
+    table = markdown(check, expectations(check, {"lmr": {"lmr": True}}, [0.75]))
     assert "| lmr |" in table and "**no**" in table and "top-4 share" in table
     assert "Not as the paper predicts in this run: LMR raises the top-4 share, for lmr." in table
     # Every expectation met: no such sentence.
-    assert "Not as the paper predicts" not in markdown(check, expectations(check, {"lcr": {"lcr": True}}, 0.75))
+    assert "Not as the paper predicts" not in markdown(check, expectations(check, {"lcr": {"lcr": True}}, [0.75]))
 
 
 def test_bad_inputs_name_the_problem():

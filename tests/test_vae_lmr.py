@@ -1,3 +1,6 @@
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -122,7 +125,7 @@ def _built_vae(tmp_path, *overrides):
     from vae.train import build_vae
     from vae.train_config import VAETrainConfig
 
-    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[1]
     cfg = load_config(VAETrainConfig, root / "configs/vae/tiny_ssvae_patch2.yaml",
                       [f"run.output_dir={tmp_path}/run", *overrides])
     torch.manual_seed(0)
@@ -151,5 +154,5 @@ def test_token_init_std_needs_a_fresh_model_that_trains_lmr(tmp_path, overrides,
     initialises, and without LMR the token is never used: both are refused at load, naming the key."""
     from infra.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"loss\.lmr\.token_init_std.*" + message.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=r"loss\.lmr\.token_init_std.*" + re.escape(message)):
         _built_vae(tmp_path, "loss.lmr.token_init_std=0.0", *overrides)

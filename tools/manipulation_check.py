@@ -154,13 +154,10 @@ def manipulation_check(moments: dict[str, ClipMoments], baseline: str, resamples
     return result
 
 
-def expectations(check: dict, regularizers: dict[str, dict[str, bool]],
-                 hinge: float | Sequence[float] | None) -> list[dict]:
+def expectations(check: dict, regularizers: dict[str, dict[str, bool]], hinges: Sequence[float]) -> list[dict]:
     """The paper's predictions as pass/fail lines: ``regularizers`` maps a VAE to {"lcr": on?, "lmr": on?};
-    ``hinge``: the one the LCR VAEs train with, or one per distinct hinge (None or empty: no VAE trains with LCR, so
-    there is no hinge to be below)."""
+    ``hinges``: those the LCR VAEs train with, one line each (empty: no VAE trains with LCR, no hinge to be below)."""
     vaes, base = check["vaes"], check["baseline"]
-    hinges = [] if hinge is None else [hinge] if isinstance(hinge, (int, float)) else list(hinge)
     out = [{"claim": f"the baseline's LCR statistic is below the hinge {h:g} (so LCR acts)",
             "vae": base, "passed": vaes[base]["lcr"]["interval"][1] < h, "evidence": vaes[base]["lcr"]}
            for h in hinges]
@@ -264,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         raise ValueError(f"--lcr/--lmr name VAEs that no --vae gives: {sorted(unknown)}")
     check = manipulation_check(moments, args.baseline, args.resamples)
-    checks = expectations(check, regularizers, args.hinge if named["lcr"] else None)
+    checks = expectations(check, regularizers, [args.hinge] if named["lcr"] else [])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "manipulation_check.json").write_text(json.dumps({**check, "expectations": checks}, indent=1) + "\n")

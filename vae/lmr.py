@@ -32,8 +32,9 @@ class LMRConfig:
     # Standard deviation of the mask token of a model trained from scratch; None keeps the released init (a standard
     # normal). The released latents have per-channel std ~1.2, so there the token starts on their scale; a small VAE
     # early in training has latents of std ~0.2 and a token that Adam moves by ~lr per step, so a standard-normal
-    # token stays 4-5x larger than anything the encoder makes for the whole of a short run (docs/STUDY.md, "LMR's
-    # mask token"). Only for a model built from scratch, with LMR on (the training config checks both).
+    # token stays 4-5x larger than anything the encoder makes for the whole of a short run (docs/STUDY.md, "the
+    # smallest changes that make LCR act"). Only for a model built from scratch, with LMR on (the training config
+    # checks both).
     token_init_std: float | None = None
 
     def validate(self, prefix: str = "lmr") -> None:
